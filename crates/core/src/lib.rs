@@ -1,0 +1,305 @@
+//! gust-core: the domain types every gust crate shares — function specs, invocations and their
+//! outcomes, the error classes, and the traits at the seams (`Invoker`, `Executor`, `Instance`,
+//! `LogSink`). It does no I/O and depends on no networking, database or engine crate, so that the
+//! gateway, the pools, the executors and the triggers can be tested and swapped independently.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+pub mod lambda;
+pub mod time;
+
+/// A boxed future, the return type of the seam traits (they are used as `Arc<dyn Trait>`).
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The buffered request and response limit of the Runtime API and the Invoke API:
+/// 6 MiB + 100 bytes, as the Lambda Runtime Interface Emulator enforces it.
+pub const MAX_PAYLOAD: usize = 6 * 1024 * 1024 + 100;
+/// Lambda's on-demand init phase limit.
+pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Timeout used when neither the manifest nor the function's own config sets one.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(3);
+/// The version every invocation reports until versions and aliases exist.
+pub const LATEST: &str = "$LATEST";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Runtime {
+    Nodejs,
+    Python,
+    Provided,
+}
+
+impl Runtime {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Nodejs => "nodejs",
+            Runtime::Python => "python",
+            Runtime::Provided => "provided",
+        }
+    }
+    /// The value of `AWS_EXECUTION_ENV` (not set for `provided`, as on Lambda).
+    pub fn execution_env(self) -> Option<&'static str> {
+        match self {
+            Runtime::Nodejs => Some("AWS_Lambda_nodejs20.x"),
+            Runtime::Python => Some("AWS_Lambda_python3.11"),
+            Runtime::Provided => None,
+        }
+    }
+}
+
+/// Scaling settings of one function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scaling {
+    pub max_instances: u32,
+    pub min_instances: u32,
+    /// Seconds an instance may stay idle before it is stopped.
+    pub idle_timeout: u64,
+    /// Requests that may wait when every instance is busy and no more may start.
+    pub queue_length: u32,
+    /// Seconds a request may wait in that queue.
+    pub queue_timeout: u64,
+}
+
+impl Default for Scaling {
+    fn default() -> Self {
+        Scaling {
+            max_instances: 10,
+            min_instances: 0,
+            idle_timeout: 600,
+            queue_length: 100,
+            queue_timeout: 10,
+        }
+    }
+}
+
+/// An HTTP route of a function: `GET /users/{id}`, `ANY /files/{proxy+}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Route {
+    pub method: String,
+    pub path: String,
+}
+
+/// Everything a deployed function is, except its code bytes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FunctionSpec {
+    pub name: String,
+    pub service: String,
+    pub runtime: Runtime,
+    pub handler: String,
+    pub memory_mb: u32,
+    /// Seconds; `None` when the manifest is silent (then the function's own config, else 3 s).
+    pub timeout: Option<u32>,
+    pub environment: BTreeMap<String, String>,
+    pub scaling: Scaling,
+    pub routes: Vec<Route>,
+}
+
+/// One deployed version of a function: its spec, where its unpacked code lives, its code hash.
+#[derive(Debug, Clone)]
+pub struct FunctionVersion {
+    pub spec: FunctionSpec,
+    /// Monotonic deployment counter of this function (1, 2, …).
+    pub revision: u64,
+    pub code_sha256: String,
+    pub code_dir: PathBuf,
+}
+
+impl FunctionVersion {
+    pub fn arn(&self) -> String {
+        lambda::function_arn(&self.spec.name)
+    }
+}
+
+/// What a caller asks of a function.
+#[derive(Debug, Clone, Default)]
+pub struct Invocation {
+    pub payload: Bytes,
+    pub content_type: Option<String>,
+    /// Decoded client context JSON (the Invoke API's `X-Amz-Client-Context`, base64-decoded).
+    pub client_context: Option<String>,
+    pub trace_id: Option<String>,
+    /// Return the tail of this invocation's log (`X-Amz-Log-Type: Tail`).
+    pub tail_log: bool,
+}
+
+/// The result of an invocation that reached a function.
+#[derive(Debug, Clone)]
+pub struct InvokeResult {
+    pub request_id: String,
+    pub outcome: Outcome,
+    pub executed_version: String,
+    /// The last 4 KB of the invocation's log, when asked for.
+    pub log_tail: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// The function returned: its response bytes.
+    Response { body: Bytes, content_type: Option<String> },
+    /// The function failed (error, timeout, crash, init failure): the Lambda error JSON.
+    FunctionError { error_type: String, body: Bytes },
+}
+
+impl Outcome {
+    pub fn function_error(error_type: &str, message: &str) -> Outcome {
+        Outcome::FunctionError {
+            error_type: error_type.to_string(),
+            body: lambda::error_body(error_type, message),
+        }
+    }
+    pub fn is_error(&self) -> bool {
+        matches!(self, Outcome::FunctionError { .. })
+    }
+}
+
+/// Why an invocation did not reach a function. Function errors are not here: they are an
+/// `Outcome`. Each variant has one owner (see `ErrorClass`).
+#[derive(Debug, Clone, thiserror::Error, PartialEq)]
+pub enum InvokeError {
+    #[error("Function not found: {0}")]
+    NotFound(String),
+    #[error("{message}")]
+    Throttled { message: String, retry_after_secs: u64 },
+    #[error("request payload of {0} bytes exceeds the limit of {MAX_PAYLOAD} bytes")]
+    PayloadTooLarge(usize),
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    #[error("platform error: {0}")]
+    Platform(String),
+}
+
+/// Who is at fault for an error: decides between 4xx, the function-error contract, and 5xx.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    Caller,
+    Function,
+    Platform,
+}
+
+impl InvokeError {
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            InvokeError::NotFound(_)
+            | InvokeError::Throttled { .. }
+            | InvokeError::PayloadTooLarge(_) => ErrorClass::Caller,
+            InvokeError::ShuttingDown | InvokeError::Platform(_) => ErrorClass::Platform,
+        }
+    }
+}
+
+/// What the gateway and every trigger call to run a function. The pools implement it; later a
+/// cluster-aware invoker routes to the node that holds warm instances.
+pub trait Invoker: Send + Sync {
+    fn invoke<'a>(
+        &'a self,
+        function: &'a str,
+        invocation: Invocation,
+    ) -> BoxFuture<'a, Result<InvokeResult, InvokeError>>;
+}
+
+/// One invocation handed to one instance.
+#[derive(Debug, Clone)]
+pub struct InstanceRequest {
+    pub request_id: String,
+    pub invocation: Invocation,
+    pub timeout: Duration,
+}
+
+/// How an instance ended an invocation. Anything but `Done` leaves the instance dead.
+#[derive(Debug)]
+pub enum InstanceOutcome {
+    Done { outcome: Outcome, log_tail: Option<String> },
+    /// The function did not answer in time; the instance was killed.
+    TimedOut { log_tail: Option<String> },
+    /// The runtime process exited during the invocation.
+    Crashed { detail: String, log_tail: Option<String> },
+}
+
+/// A running instance: serves one invocation at a time (the pool guarantees it).
+pub trait Instance: Send + Sync {
+    fn id(&self) -> &str;
+    fn invoke(&self, request: InstanceRequest) -> BoxFuture<'_, InstanceOutcome>;
+    /// Whether the instance can take another invocation (its process is alive).
+    fn is_alive(&self) -> bool;
+    /// The timeout the function's own code asked for (the plain-module `config.timeout`).
+    fn config_timeout(&self) -> Option<Duration>;
+    /// Stop: SIGTERM, a bounded grace period, then SIGKILL of the whole process tree.
+    fn stop(&self) -> BoxFuture<'_, ()>;
+    /// Kill immediately.
+    fn kill(&self);
+}
+
+/// Why an instance could not start.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{error_type}: {message}")]
+pub struct InitError {
+    pub error_type: String,
+    pub message: String,
+    /// The Lambda error JSON to return to the invoker.
+    pub body: Bytes,
+}
+
+impl InitError {
+    pub fn new(error_type: &str, message: impl Into<String>) -> InitError {
+        let message = message.into();
+        InitError {
+            body: lambda::error_body(error_type, &message),
+            error_type: error_type.to_string(),
+            message,
+        }
+    }
+}
+
+/// Creates instances of a function: the process executor today, a wasm executor later.
+pub trait Executor: Send + Sync {
+    /// Start an instance and resolve when its runtime is ready for the first invocation.
+    fn start(&self, function: Arc<FunctionVersion>) -> BoxFuture<'_, Result<Arc<dyn Instance>, InitError>>;
+}
+
+/// One line of a function's log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LogRecord {
+    pub function: String,
+    pub ts_ms: u64,
+    pub request_id: Option<String>,
+    pub instance: String,
+    /// `stdout`, `stderr` or `platform` (START, END, REPORT and platform notices).
+    pub stream: String,
+    pub line: String,
+}
+
+/// Where log lines go (the store's batching writer). Must not block.
+pub trait LogSink: Send + Sync {
+    fn emit(&self, record: LogRecord);
+}
+
+/// A sink that drops everything (for tests and tools that don't keep logs).
+pub struct NullLogSink;
+impl LogSink for NullLogSink {
+    fn emit(&self, _record: LogRecord) {}
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Validates a function or service name: 1–64 of `[A-Za-z0-9_-]` (Lambda's function-name rule,
+/// minus the dot, which URLs and handler strings make ambiguous).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}

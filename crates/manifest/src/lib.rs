@@ -1,0 +1,455 @@
+//! gust-manifest: the `gust.toml` schema. Parses a manifest into `FunctionSpec`s and rejects
+//! unknown fields and invalid values with the file, the line and a fix:
+//! `timeout = 0 at gust.toml:7: must be 1..=900 seconds`.
+//!
+//! Used by the CLI (to fail before uploading anything) and by the server (which never trusts
+//! what it is sent). See docs/manifest.md for every field and its default.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+
+use gust_core::{FunctionSpec, Route, Runtime, Scaling, valid_name};
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A parsed, validated manifest.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub service: String,
+    pub functions: Vec<ManifestFunction>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ManifestFunction {
+    pub spec: FunctionSpec,
+    /// The code directory, relative to the manifest's directory.
+    pub code: String,
+}
+
+/// A manifest error: where and what to do about it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestError {
+    pub file: String,
+    pub line: usize,
+    pub message: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Messages that start with the offending `key = value` read best with the location after it.
+        match self.message.split_once(": ") {
+            Some((what, fix)) if what.contains(" = ") => {
+                write!(f, "{what} at {}:{}: {fix}", self.file, self.line)
+            }
+            _ => write!(f, "{}:{}: {}", self.file, self.line, self.message),
+        }
+    }
+}
+
+impl std::error::Error for ManifestError {}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    service: Spanned<RawService>,
+    #[serde(default)]
+    functions: BTreeMap<String, Spanned<RawFunction>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: Spanned<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFunction {
+    runtime: Spanned<String>,
+    handler: Option<Spanned<String>>,
+    code: Option<Spanned<String>>,
+    memory: Option<Spanned<i64>>,
+    timeout: Option<Spanned<i64>>,
+    #[serde(default)]
+    environment: BTreeMap<String, Spanned<String>>,
+    scaling: Option<RawScaling>,
+    #[serde(default)]
+    routes: Vec<Spanned<RawRoute>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScaling {
+    max_instances: Option<Spanned<i64>>,
+    min_instances: Option<Spanned<i64>>,
+    idle_timeout: Option<Spanned<i64>>,
+    queue_length: Option<Spanned<i64>>,
+    queue_timeout: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    method: Option<Spanned<String>>,
+    path: Spanned<String>,
+}
+
+const METHODS: &[&str] = &["ANY", "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+/// Path prefixes gust itself serves; a route may not shadow them.
+pub const RESERVED_PREFIXES: &[&str] = &["/_gust", "/fn/", "/2015-03-31/", "/2018-06-01/"];
+/// Environment variables the platform sets; a function may not override them (Lambda's list).
+const RESERVED_ENV: &[&str] = &[
+    "_HANDLER",
+    "_X_AMZN_TRACE_ID",
+    "AWS_DEFAULT_REGION",
+    "AWS_REGION",
+    "AWS_EXECUTION_ENV",
+    "AWS_LAMBDA_FUNCTION_NAME",
+    "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+    "AWS_LAMBDA_FUNCTION_VERSION",
+    "AWS_LAMBDA_INITIALIZATION_TYPE",
+    "AWS_LAMBDA_LOG_GROUP_NAME",
+    "AWS_LAMBDA_LOG_STREAM_NAME",
+    "AWS_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_LAMBDA_RUNTIME_API",
+    "LAMBDA_TASK_ROOT",
+    "LAMBDA_RUNTIME_DIR",
+];
+
+struct Ctx<'a> {
+    file: &'a str,
+    src: &'a str,
+}
+
+impl Ctx<'_> {
+    fn err(&self, span: Range<usize>, message: impl Into<String>) -> ManifestError {
+        let line = self.src[..span.start.min(self.src.len())].matches('\n').count() + 1;
+        ManifestError { file: self.file.to_string(), line, message: message.into() }
+    }
+
+    fn int<T: TryFrom<i64>>(
+        &self,
+        v: &Option<Spanned<i64>>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+        unit: &str,
+        default: T,
+    ) -> Result<T, ManifestError> {
+        let Some(v) = v else { return Ok(default) };
+        let n = *v.get_ref();
+        if !range.contains(&n) {
+            return Err(self.err(
+                v.span(),
+                format!("{key} = {n}: must be {}..={}{unit}", range.start(), range.end()),
+            ));
+        }
+        T::try_from(n).map_err(|_| self.err(v.span(), format!("{key} = {n}: out of range")))
+    }
+}
+
+/// Parses and validates a manifest. `file` names it in errors (e.g. `gust.toml`).
+pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
+    let cx = Ctx { file, src };
+    let raw: RawManifest = toml::from_str(src).map_err(|e| {
+        let span = e.span().unwrap_or(0..0);
+        let msg = e.message().trim().to_string();
+        let msg = if msg.starts_with("unknown field") {
+            format!("{msg} (see docs/manifest.md for the fields gust knows)")
+        } else {
+            msg
+        };
+        cx.err(span, msg)
+    })?;
+
+    let service = raw.service.get_ref().name.get_ref().clone();
+    if !valid_name(&service) {
+        return Err(cx.err(
+            raw.service.get_ref().name.span(),
+            format!("name = {service:?}: a service name must be 1-64 letters, digits, '-' or '_'"),
+        ));
+    }
+    if raw.functions.is_empty() {
+        return Err(cx.err(
+            raw.service.span(),
+            "the manifest declares no function: add a [functions.NAME] table with runtime and handler",
+        ));
+    }
+
+    let mut functions = Vec::new();
+    let mut seen_routes: BTreeMap<(String, String), String> = BTreeMap::new();
+    for (name, f) in &raw.functions {
+        let fspan = f.span();
+        let f = f.get_ref();
+        if !valid_name(name) {
+            return Err(cx.err(
+                fspan,
+                format!("[functions.{name}]: a function name must be 1-64 letters, digits, '-' or '_'"),
+            ));
+        }
+        let runtime = match f.runtime.get_ref().as_str() {
+            "nodejs" => Runtime::Nodejs,
+            "python" => Runtime::Python,
+            "provided" => Runtime::Provided,
+            other => {
+                return Err(cx.err(
+                    f.runtime.span(),
+                    format!("runtime = {other:?}: must be one of \"nodejs\", \"python\", \"provided\""),
+                ));
+            }
+        };
+        let handler = match (&f.handler, runtime) {
+            (Some(h), _) => {
+                let hv = h.get_ref();
+                if runtime != Runtime::Provided
+                    && (!hv.contains('.') || hv.starts_with('.') || hv.ends_with('.'))
+                {
+                    return Err(cx.err(
+                        h.span(),
+                        format!(
+                            "handler = {hv:?}: must be FILE.EXPORT, e.g. \"index.handler\" (file index.js, export handler)"
+                        ),
+                    ));
+                }
+                hv.clone()
+            }
+            (None, Runtime::Provided) => String::new(),
+            (None, _) => {
+                return Err(cx.err(
+                    fspan,
+                    format!(
+                        "[functions.{name}] has no handler: add handler = \"index.handler\" (FILE.EXPORT)"
+                    ),
+                ));
+            }
+        };
+        let memory_mb = cx.int(&f.memory, "memory", 128..=10240, " MB", 128u32)?;
+        let timeout = match &f.timeout {
+            None => None,
+            some => Some(cx.int(some, "timeout", 1..=900, " seconds", 3u32)?),
+        };
+        let mut environment = BTreeMap::new();
+        let mut env_size = 0;
+        for (k, v) in &f.environment {
+            let ok = k.len() >= 2
+                && k.as_bytes()[0].is_ascii_alphabetic()
+                && k.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            if !ok {
+                return Err(cx.err(
+                    v.span(),
+                    format!("environment key {k:?}: must match [a-zA-Z][a-zA-Z0-9_]+"),
+                ));
+            }
+            if RESERVED_ENV.contains(&k.as_str()) {
+                return Err(cx.err(
+                    v.span(),
+                    format!("environment key {k:?}: reserved by the platform; choose another name"),
+                ));
+            }
+            env_size += k.len() + v.get_ref().len();
+            environment.insert(k.clone(), v.get_ref().clone());
+        }
+        if env_size > 4096 {
+            return Err(cx.err(
+                fspan,
+                format!("[functions.{name}].environment is {env_size} bytes: the limit is 4 KB in all"),
+            ));
+        }
+        let d = Scaling::default();
+        let scaling = match &f.scaling {
+            None => d,
+            Some(s) => {
+                let max_instances = cx.int(&s.max_instances, "max_instances", 1..=1000, "", d.max_instances)?;
+                let min_instances = cx.int(&s.min_instances, "min_instances", 0..=1000, "", d.min_instances)?;
+                if min_instances > max_instances {
+                    let span = s.min_instances.as_ref().map(|v| v.span()).unwrap_or(fspan.clone());
+                    return Err(cx.err(
+                        span,
+                        format!("min_instances = {min_instances}: must not exceed max_instances ({max_instances})"),
+                    ));
+                }
+                Scaling {
+                    max_instances,
+                    min_instances,
+                    idle_timeout: cx.int(&s.idle_timeout, "idle_timeout", 1..=86_400, " seconds", d.idle_timeout)?,
+                    queue_length: cx.int(&s.queue_length, "queue_length", 0..=100_000, "", d.queue_length)?,
+                    queue_timeout: cx.int(&s.queue_timeout, "queue_timeout", 0..=900, " seconds", d.queue_timeout)?,
+                }
+            }
+        };
+        let mut routes = Vec::new();
+        for r in &f.routes {
+            let rr = r.get_ref();
+            let method = match &rr.method {
+                None => "ANY".to_string(),
+                Some(m) => {
+                    let up = m.get_ref().to_ascii_uppercase();
+                    if !METHODS.contains(&up.as_str()) {
+                        return Err(cx.err(
+                            m.span(),
+                            format!("method = {:?}: must be one of {}", m.get_ref(), METHODS.join(", ")),
+                        ));
+                    }
+                    up
+                }
+            };
+            let path = rr.path.get_ref();
+            if let Err(why) = check_route_path(path) {
+                return Err(cx.err(rr.path.span(), format!("path = {path:?}: {why}")));
+            }
+            if let Some(other) = seen_routes.insert((method.clone(), path.clone()), name.clone()) {
+                return Err(cx.err(
+                    r.span(),
+                    format!("route {method} {path} is declared twice (also by function {other}): keep one"),
+                ));
+            }
+            routes.push(Route { method, path: path.clone() });
+        }
+        let code = f.code.as_ref().map(|c| c.get_ref().clone()).unwrap_or_else(|| ".".into());
+        functions.push(ManifestFunction {
+            spec: FunctionSpec {
+                name: name.clone(),
+                service: service.clone(),
+                runtime,
+                handler,
+                memory_mb,
+                timeout,
+                environment,
+                scaling,
+                routes,
+            },
+            code,
+        });
+    }
+    Ok(Manifest { service, functions })
+}
+
+/// A route path: starts with `/`, segments are literals, `{name}`, or a final `{name+}`; it must
+/// not shadow a path gust serves itself.
+pub fn check_route_path(path: &str) -> Result<(), String> {
+    if !path.starts_with('/') {
+        return Err("must start with '/'".into());
+    }
+    if let Some(p) = RESERVED_PREFIXES.iter().find(|p| path.starts_with(*p) || path == p.trim_end_matches('/')) {
+        return Err(format!("paths under {p} are reserved by gust; choose another prefix"));
+    }
+    let segs: Vec<&str> = path[1..].split('/').collect();
+    for (i, seg) in segs.iter().enumerate() {
+        if let Some(inner) = seg.strip_prefix('{') {
+            let Some(inner) = inner.strip_suffix('}') else {
+                return Err(format!("segment {seg:?} opens '{{' without closing it"));
+            };
+            let (pname, greedy) = match inner.strip_suffix('+') {
+                Some(n) => (n, true),
+                None => (inner, false),
+            };
+            if pname.is_empty() || !pname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!("parameter {seg:?} must be {{name}} or {{name+}} with a name of letters, digits or '_'"));
+            }
+            if greedy && i + 1 != segs.len() {
+                return Err(format!("greedy parameter {seg:?} must be the last segment"));
+            }
+        } else if seg.contains('{') || seg.contains('}') {
+            return Err(format!("segment {seg:?}: a parameter must be a whole segment, like /users/{{id}}"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[service]
+name = "demo"
+
+[functions.hello]
+runtime = "nodejs"
+handler = "index.handler"
+code = "hello"
+memory = 256
+timeout = 10
+environment = { GREETING = "hi" }
+routes = [{ method = "get", path = "/hello/{name}" }, { path = "/files/{proxy+}" }]
+
+[functions.hello.scaling]
+max_instances = 4
+min_instances = 1
+
+[functions.bin]
+runtime = "provided"
+"#;
+
+    #[test]
+    fn parses_a_full_manifest_with_defaults() {
+        let m = parse("gust.toml", GOOD).unwrap();
+        assert_eq!(m.service, "demo");
+        let bin = &m.functions[0];
+        assert_eq!(bin.spec.name, "bin");
+        assert_eq!(bin.spec.memory_mb, 128);
+        assert_eq!(bin.spec.timeout, None);
+        assert_eq!(bin.code, ".");
+        assert_eq!(bin.spec.scaling, Scaling::default());
+        let h = &m.functions[1].spec;
+        assert_eq!((h.memory_mb, h.timeout), (256, Some(10)));
+        assert_eq!(h.scaling.max_instances, 4);
+        assert_eq!(h.scaling.min_instances, 1);
+        assert_eq!(h.scaling.queue_length, 100);
+        assert_eq!(h.routes[0], Route { method: "GET".into(), path: "/hello/{name}".into() });
+        assert_eq!(h.routes[1].method, "ANY");
+        assert_eq!(h.environment["GREETING"], "hi");
+    }
+
+    fn err(src: &str) -> String {
+        parse("gust.toml", src).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_file_line_and_fix() {
+        let src = "[service]\nname = \"s\"\n\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\ntimeout = 0\n";
+        assert_eq!(err(src), "timeout = 0 at gust.toml:7: must be 1..=900 seconds");
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\nmemory = 64\n";
+        assert_eq!(err(src), "memory = 64 at gust.toml:6: must be 128..=10240 MB");
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"ruby\"\nhandler = \"a.b\"\n";
+        assert_eq!(
+            err(src),
+            "runtime = \"ruby\" at gust.toml:4: must be one of \"nodejs\", \"python\", \"provided\""
+        );
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\ntimout = 3\n";
+        let e = err(src);
+        assert!(e.starts_with("gust.toml:6: unknown field `timout`"), "{e}");
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index\"\n";
+        assert!(err(src).starts_with("handler = \"index\" at gust.toml:5: must be FILE.EXPORT"));
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\nroutes = [{ path = \"/a/{rest+}/b\" }]\n";
+        assert!(err(src).contains("gust.toml:6"), "{}", err(src));
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n[functions.f.scaling]\nmax_instances = 2\nmin_instances = 3\n";
+        assert_eq!(err(src), "min_instances = 3 at gust.toml:8: must not exceed max_instances (2)");
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\nenvironment = { AWS_REGION = \"x\" }\n";
+        assert!(err(src).contains("reserved by the platform"));
+
+        assert!(err("[service]\nname = \"s\"\n").contains("declares no function"));
+        assert!(err("[service\n").starts_with("gust.toml:1:"));
+    }
+
+    #[test]
+    fn route_paths() {
+        assert!(check_route_path("/a/{b}/{c+}").is_ok());
+        assert!(check_route_path("/").is_ok());
+        assert!(check_route_path("a").is_err());
+        assert!(check_route_path("/_gust/x").is_err());
+        assert!(check_route_path("/fn/x").is_err());
+        assert!(check_route_path("/a/x{b}").is_err());
+        assert!(check_route_path("/a/{b+}/c").is_err());
+    }
+}

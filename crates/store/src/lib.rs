@@ -1,0 +1,566 @@
+//! gust-store: embedded state of a single node. SQLite (WAL) holds the registry of functions, the
+//! deployment history and the log index; code bundles are stored content-addressed (sha256) on
+//! disk and unpacked once per hash. The admin token lives here too.
+//!
+//! Layout of a data dir:
+//! ```text
+//! gust.db               SQLite: services, functions, deployments, logs
+//! admin-token           the admin API bearer token, mode 0600
+//! blobs/sha256/<hex>    code bundles (tar.gz) as uploaded
+//! code/<hex>/           unpacked bundles, shared by every function with the same code
+//! runtimes/             the built-in bootstraps, written at start (see gust-executor)
+//! ```
+//! Cluster mode will put the same concerns behind NATS KV and object store; the gateway only
+//! uses this crate's public methods, which are the seam.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+
+use gust_core::{FunctionSpec, LogRecord, LogSink, now_ms};
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{context}: {source}")]
+    Io { context: String, source: std::io::Error },
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The caller asked for something that contradicts the current state.
+    #[error("{0}")]
+    Conflict(String),
+    /// The caller sent a bundle or hash that is not valid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+    let context = context.into();
+    move |source| StoreError::Io { context, source }
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// A function as the registry holds it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredFunction {
+    pub spec: FunctionSpec,
+    pub revision: u64,
+    pub code_sha256: String,
+    pub deployed_at_ms: u64,
+}
+
+/// One stored log line with its id (ids grow; `logs(after=id)` pages and follows).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StoredLog {
+    pub id: i64,
+    #[serde(flatten)]
+    pub record: LogRecord,
+}
+
+pub struct Store {
+    dir: PathBuf,
+    db: Mutex<Connection>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS services (
+  name TEXT PRIMARY KEY,
+  manifest TEXT NOT NULL,
+  updated_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS functions (
+  name TEXT PRIMARY KEY,
+  service TEXT NOT NULL,
+  revision INTEGER NOT NULL,
+  spec TEXT NOT NULL,
+  code_sha256 TEXT NOT NULL,
+  deployed_at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS deployments (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  service TEXT NOT NULL,
+  created_at_ms INTEGER NOT NULL,
+  manifest TEXT NOT NULL,
+  functions TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS logs (
+  id INTEGER PRIMARY KEY AUTOINCREMENT,
+  function TEXT NOT NULL,
+  ts_ms INTEGER NOT NULL,
+  request_id TEXT,
+  instance TEXT NOT NULL,
+  stream TEXT NOT NULL,
+  line TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS logs_by_function ON logs(function, id);
+";
+
+/// How many log lines are kept in all; older ones are pruned by the writer.
+const LOG_RETENTION: i64 = 200_000;
+
+fn open_db(path: &Path) -> Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+impl Store {
+    pub fn open(dir: impl Into<PathBuf>) -> Result<Store> {
+        let dir = dir.into();
+        for sub in ["blobs/sha256", "code", "runtimes"] {
+            fs::create_dir_all(dir.join(sub)).map_err(io(format!("create {}", dir.join(sub).display())))?;
+        }
+        let conn = open_db(&dir.join("gust.db"))?;
+        conn.execute_batch(SCHEMA)?;
+        Ok(Store { dir, db: Mutex::new(conn) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent (it has its own
+        // transactions), so a poisoned lock is still usable.
+        self.db.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The admin token: read from `admin-token`, or generated and written with mode 0600.
+    /// Returns the token and whether it was created now.
+    pub fn admin_token(&self) -> Result<(String, bool)> {
+        let path = self.dir.join("admin-token");
+        if let Ok(t) = fs::read_to_string(&path) {
+            let t = t.trim().to_string();
+            if !t.is_empty() {
+                return Ok((t, false));
+            }
+        }
+        let mut raw = [0u8; 24];
+        fs::File::open("/dev/urandom")
+            .and_then(|mut f| f.read_exact(&mut raw))
+            .map_err(io("read /dev/urandom"))?;
+        let token = format!("gust_{}", hex::encode(raw));
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .map_err(io(format!("write {}", path.display())))?;
+        f.write_all(token.as_bytes()).map_err(io("write admin token"))?;
+        Ok((token, true))
+    }
+
+    fn blob_path(&self, sha: &str) -> PathBuf {
+        self.dir.join("blobs/sha256").join(sha)
+    }
+
+    fn check_sha(sha: &str) -> Result<()> {
+        if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+            Ok(())
+        } else {
+            Err(StoreError::Invalid(format!("{sha:?} is not a lowercase sha256 hex digest")))
+        }
+    }
+
+    pub fn has_blob(&self, sha: &str) -> bool {
+        Self::check_sha(sha).is_ok() && self.blob_path(sha).is_file()
+    }
+
+    /// Stores a code bundle (tar.gz) under its sha256, after checking the hash and that it
+    /// unpacks. Returns false when it was already there.
+    pub fn put_blob(&self, sha: &str, bytes: &[u8]) -> Result<bool> {
+        Self::check_sha(sha)?;
+        let actual = hex::encode(Sha256::digest(bytes));
+        if actual != sha {
+            return Err(StoreError::Invalid(format!(
+                "bundle hash mismatch: the URL says {sha} but the body hashes to {actual}; upload again"
+            )));
+        }
+        if self.has_blob(sha) {
+            return Ok(false);
+        }
+        let tmp = self.dir.join(format!("blobs/.tmp-{sha}-{}", std::process::id()));
+        fs::write(&tmp, bytes).map_err(io("write bundle"))?;
+        fs::rename(&tmp, self.blob_path(sha)).map_err(io("store bundle"))?;
+        // Unpack now so that a broken archive is the uploader's error, not a later cold start's.
+        self.code_dir(sha)?;
+        Ok(true)
+    }
+
+    /// The unpacked code of a bundle, unpacking it on first use.
+    pub fn code_dir(&self, sha: &str) -> Result<PathBuf> {
+        Self::check_sha(sha)?;
+        let dest = self.dir.join("code").join(sha);
+        if dest.is_dir() {
+            return Ok(dest);
+        }
+        let blob = self.blob_path(sha);
+        let file = fs::File::open(&blob).map_err(io(format!("open bundle {sha}")))?;
+        let tmp = self.dir.join(format!("code/.tmp-{sha}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        fs::create_dir_all(&tmp).map_err(io("create code dir"))?;
+        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
+        archive.set_preserve_permissions(true);
+        if let Err(e) = archive.unpack(&tmp) {
+            let _ = fs::remove_dir_all(&tmp);
+            let _ = fs::remove_file(&blob);
+            return Err(StoreError::Invalid(format!("code bundle {sha} is not a valid tar.gz: {e}")));
+        }
+        match fs::rename(&tmp, &dest) {
+            Ok(()) => Ok(dest),
+            // Another deploy unpacked the same bundle first.
+            Err(_) if dest.is_dir() => {
+                let _ = fs::remove_dir_all(&tmp);
+                Ok(dest)
+            }
+            Err(e) => Err(io("install code dir")(e)),
+        }
+    }
+
+    /// Records a deployment of a whole service: its functions replace the service's previous
+    /// ones (functions no longer in the manifest are removed and returned). A function name
+    /// owned by another service is a conflict.
+    pub fn deploy_service(
+        &self,
+        service: &str,
+        manifest: &str,
+        functions: &[(FunctionSpec, String)],
+    ) -> Result<(Vec<StoredFunction>, Vec<String>)> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let now = now_ms();
+        for (spec, sha) in functions {
+            let owner: Option<String> = tx
+                .query_row("SELECT service FROM functions WHERE name = ?1", [&spec.name], |r| r.get(0))
+                .optional()?;
+            if let Some(owner) = owner.filter(|o| o != service) {
+                return Err(StoreError::Conflict(format!(
+                    "function {} belongs to service {owner}: rename it, or remove it first with `gust rm {}`",
+                    spec.name, spec.name
+                )));
+            }
+            if !self.has_blob(sha) {
+                return Err(StoreError::Invalid(format!(
+                    "code bundle {sha} of function {} was not uploaded: PUT it to /_gust/v1/blobs/{sha} first",
+                    spec.name
+                )));
+            }
+        }
+        let old: Vec<String> = {
+            let mut st = tx.prepare("SELECT name FROM functions WHERE service = ?1")?;
+            st.query_map([service], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        let removed: Vec<String> =
+            old.into_iter().filter(|n| !functions.iter().any(|(s, _)| &s.name == n)).collect();
+        for name in &removed {
+            tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
+        }
+        let mut out = Vec::new();
+        for (spec, sha) in functions {
+            let revision: u64 = tx
+                .query_row("SELECT revision FROM functions WHERE name = ?1", [&spec.name], |r| r.get(0))
+                .optional()?
+                .unwrap_or(0)
+                + 1;
+            let json = serde_json::to_string(spec).expect("spec serialises");
+            tx.execute(
+                "INSERT INTO functions (name, service, revision, spec, code_sha256, deployed_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET service = ?2, revision = ?3, spec = ?4,
+                   code_sha256 = ?5, deployed_at_ms = ?6",
+                params![spec.name, service, revision, json, sha, now],
+            )?;
+            out.push(StoredFunction {
+                spec: spec.clone(),
+                revision,
+                code_sha256: sha.clone(),
+                deployed_at_ms: now,
+            });
+        }
+        tx.execute(
+            "INSERT INTO services (name, manifest, updated_at_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(name) DO UPDATE SET manifest = ?2, updated_at_ms = ?3",
+            params![service, manifest, now],
+        )?;
+        let summary = serde_json::to_string(
+            &out.iter().map(|f| (&f.spec.name, f.revision, &f.code_sha256)).collect::<Vec<_>>(),
+        )
+        .expect("summary serialises");
+        tx.execute(
+            "INSERT INTO deployments (service, created_at_ms, manifest, functions) VALUES (?1, ?2, ?3, ?4)",
+            params![service, now, manifest, summary],
+        )?;
+        tx.commit()?;
+        Ok((out, removed))
+    }
+
+    fn row_to_function(r: &rusqlite::Row<'_>) -> rusqlite::Result<(String, u64, String, u64)> {
+        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+    }
+
+    fn decode(row: (String, u64, String, u64)) -> Result<StoredFunction> {
+        let (spec, revision, code_sha256, deployed_at_ms) = row;
+        let spec = serde_json::from_str(&spec)
+            .map_err(|e| StoreError::Invalid(format!("stored function spec is unreadable: {e}")))?;
+        Ok(StoredFunction { spec, revision, code_sha256, deployed_at_ms })
+    }
+
+    pub fn functions(&self) -> Result<Vec<StoredFunction>> {
+        let db = self.db();
+        let mut st = db.prepare(
+            "SELECT spec, revision, code_sha256, deployed_at_ms FROM functions ORDER BY service, name",
+        )?;
+        let rows = st.query_map([], Self::row_to_function)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.into_iter().map(Self::decode).collect()
+    }
+
+    pub fn function(&self, name: &str) -> Result<Option<StoredFunction>> {
+        let db = self.db();
+        let row = db
+            .query_row(
+                "SELECT spec, revision, code_sha256, deployed_at_ms FROM functions WHERE name = ?1",
+                [name],
+                Self::row_to_function,
+            )
+            .optional()?;
+        row.map(Self::decode).transpose()
+    }
+
+    /// Removes one function. Returns false if there was none.
+    pub fn remove_function(&self, name: &str) -> Result<bool> {
+        let db = self.db();
+        Ok(db.execute("DELETE FROM functions WHERE name = ?1", [name])? > 0)
+    }
+
+    /// Removes a service and its functions; returns the removed function names (None: no such service).
+    pub fn remove_service(&self, service: &str) -> Result<Option<Vec<String>>> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let names: Vec<String> = {
+            let mut st = tx.prepare("SELECT name FROM functions WHERE service = ?1")?;
+            st.query_map([service], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+        };
+        let existed = tx.execute("DELETE FROM services WHERE name = ?1", [service])? > 0;
+        tx.execute("DELETE FROM functions WHERE service = ?1", [service])?;
+        tx.commit()?;
+        Ok((existed || !names.is_empty()).then_some(names))
+    }
+
+    /// Log lines of a function with id > `after`, oldest first; `after = None` gives the last `limit`.
+    pub fn logs(&self, function: &str, after: Option<i64>, limit: usize) -> Result<Vec<StoredLog>> {
+        let db = self.db();
+        let map = |r: &rusqlite::Row<'_>| {
+            Ok(StoredLog {
+                id: r.get(0)?,
+                record: LogRecord {
+                    function: function.to_string(),
+                    ts_ms: r.get(1)?,
+                    request_id: r.get(2)?,
+                    instance: r.get(3)?,
+                    stream: r.get(4)?,
+                    line: r.get(5)?,
+                },
+            })
+        };
+        let mut rows: Vec<StoredLog> = match after {
+            Some(after) => {
+                let mut st = db.prepare(
+                    "SELECT id, ts_ms, request_id, instance, stream, line FROM logs
+                     WHERE function = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+                )?;
+                st.query_map(params![function, after, limit as i64], map)?.collect::<rusqlite::Result<_>>()?
+            }
+            None => {
+                let mut st = db.prepare(
+                    "SELECT id, ts_ms, request_id, instance, stream, line FROM logs
+                     WHERE function = ?1 ORDER BY id DESC LIMIT ?2",
+                )?;
+                let mut v: Vec<StoredLog> =
+                    st.query_map(params![function, limit as i64], map)?.collect::<rusqlite::Result<_>>()?;
+                v.reverse();
+                v
+            }
+        };
+        rows.shrink_to_fit();
+        Ok(rows)
+    }
+
+    /// A log sink that batches lines into SQLite on its own thread and connection, so that
+    /// emitting a line on the invocation path costs a channel send.
+    pub fn log_writer(&self) -> Result<Arc<LogWriter>> {
+        let conn = open_db(&self.dir.join("gust.db"))?;
+        let (tx, rx) = mpsc::channel::<LogMsg>();
+        std::thread::Builder::new()
+            .name("gust-log-writer".into())
+            .spawn(move || write_logs(conn, rx))
+            .map_err(io("spawn log writer"))?;
+        Ok(Arc::new(LogWriter { tx: Mutex::new(tx) }))
+    }
+}
+
+enum LogMsg {
+    Line(LogRecord),
+    Flush(mpsc::Sender<()>),
+}
+
+pub struct LogWriter {
+    tx: Mutex<mpsc::Sender<LogMsg>>,
+}
+
+impl LogWriter {
+    /// Waits until every line emitted before this call is committed.
+    pub fn flush(&self) {
+        let (tx, rx) = mpsc::channel();
+        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(LogMsg::Flush(tx));
+        if sent.is_ok() {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
+        }
+    }
+}
+
+impl LogSink for LogWriter {
+    fn emit(&self, record: LogRecord) {
+        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(LogMsg::Line(record));
+    }
+}
+
+fn write_logs(mut conn: Connection, rx: mpsc::Receiver<LogMsg>) {
+    let mut since_prune = 0usize;
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 2048 {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut acks = Vec::new();
+        let result = (|| -> rusqlite::Result<()> {
+            let tx = conn.transaction()?;
+            {
+                let mut st = tx.prepare_cached(
+                    "INSERT INTO logs (function, ts_ms, request_id, instance, stream, line)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                )?;
+                for m in batch {
+                    match m {
+                        LogMsg::Line(r) => {
+                            st.execute(params![r.function, r.ts_ms, r.request_id, r.instance, r.stream, r.line])?;
+                            since_prune += 1;
+                        }
+                        LogMsg::Flush(ack) => acks.push(ack),
+                    }
+                }
+            }
+            if since_prune > 10_000 {
+                since_prune = 0;
+                tx.execute(
+                    "DELETE FROM logs WHERE id <= (SELECT MAX(id) FROM logs) - ?1",
+                    [LOG_RETENTION],
+                )?;
+            }
+            tx.commit()
+        })();
+        if let Err(e) = result {
+            tracing::warn!("writing logs failed: {e}");
+        }
+        for a in acks {
+            let _ = a.send(());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use gust_core::{Runtime, Scaling};
+
+    fn spec(name: &str, service: &str) -> FunctionSpec {
+        FunctionSpec {
+            name: name.into(),
+            service: service.into(),
+            runtime: Runtime::Nodejs,
+            handler: "index.handler".into(),
+            memory_mb: 128,
+            timeout: None,
+            environment: Default::default(),
+            scaling: Scaling::default(),
+            routes: vec![],
+        }
+    }
+
+    fn bundle(files: &[(&str, &str)]) -> (String, Vec<u8>) {
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        for (name, body) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(body.len() as u64);
+            h.set_mode(0o755);
+            h.set_cksum();
+            b.append_data(&mut h, name, body.as_bytes()).unwrap();
+        }
+        let bytes = b.into_inner().unwrap().finish().unwrap();
+        (hex::encode(Sha256::digest(&bytes)), bytes)
+    }
+
+    #[test]
+    fn blobs_registry_and_logs_survive_reopen() {
+        let dir = std::env::temp_dir().join(format!("gust-store-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        let (sha, bytes) = bundle(&[("index.js", "exports.handler = async () => 1")]);
+        assert!(matches!(store.put_blob(&"0".repeat(64), &bytes), Err(StoreError::Invalid(_))));
+        assert!(store.put_blob(&sha, &bytes).unwrap());
+        assert!(!store.put_blob(&sha, &bytes).unwrap());
+        assert!(store.code_dir(&sha).unwrap().join("index.js").is_file());
+        let (garbage_sha, garbage) = (hex::encode(Sha256::digest(b"nope")), b"nope".to_vec());
+        assert!(matches!(store.put_blob(&garbage_sha, &garbage), Err(StoreError::Invalid(_))));
+        assert!(!store.has_blob(&garbage_sha));
+
+        let (a, removed) = store.deploy_service("s1", "m", &[(spec("f", "s1"), sha.clone()), (spec("g", "s1"), sha.clone())]).unwrap();
+        assert_eq!((a[0].revision, removed.len()), (1, 0));
+        let (a, removed) = store.deploy_service("s1", "m", &[(spec("f", "s1"), sha.clone())]).unwrap();
+        assert_eq!((a[0].revision, removed), (2, vec!["g".to_string()]));
+        assert!(matches!(
+            store.deploy_service("s2", "m", &[(spec("f", "s2"), sha.clone())]),
+            Err(StoreError::Conflict(_))
+        ));
+
+        let w = store.log_writer().unwrap();
+        for i in 0..3 {
+            w.emit(LogRecord {
+                function: "f".into(),
+                ts_ms: i,
+                request_id: None,
+                instance: "i".into(),
+                stream: "stdout".into(),
+                line: format!("line {i}"),
+            });
+        }
+        w.flush();
+        let (token, created) = store.admin_token().unwrap();
+        assert!(created);
+        drop(store);
+
+        let store = Store::open(&dir).unwrap();
+        assert_eq!(store.admin_token().unwrap(), (token, false));
+        let mode = fs::metadata(dir.join("admin-token")).unwrap().permissions();
+        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        let fs_ = store.functions().unwrap();
+        assert_eq!(fs_.len(), 1);
+        assert_eq!(fs_[0].revision, 2);
+        let logs = store.logs("f", None, 2).unwrap();
+        assert_eq!(logs.iter().map(|l| l.record.line.as_str()).collect::<Vec<_>>(), ["line 1", "line 2"]);
+        let after = store.logs("f", Some(logs[0].id), 10).unwrap();
+        assert_eq!(after.len(), 1);
+        assert_eq!(store.remove_service("s1").unwrap(), Some(vec!["f".to_string()]));
+        assert_eq!(store.remove_service("s1").unwrap(), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+}
