@@ -1,1 +1,147 @@
-//! gust-gateway
+//! gust-gateway: the HTTP front of a node (axum on hyper). It serves
+//! - function routes from manifests and the default URL `/fn/NAME/...` (API Gateway v2 events),
+//! - the Lambda Invoke API `POST /2015-03-31/functions/{name}/invocations`,
+//! - the admin API under `/_gust/v1/` (bearer token).
+//!
+//! It turns requests into `Invocation`s for the `Invoker` and results into responses; it never
+//! knows how instances are made. Errors become responses in `error.rs` only.
+
+pub mod apigw;
+mod admin;
+pub mod error;
+mod invoke_api;
+pub mod platform;
+pub mod routes;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use gust_core::{Invocation, InvokeError, Invoker, MAX_PAYLOAD, Outcome};
+use gust_store::LogWriter;
+
+pub use platform::Platform;
+
+/// Everything the handlers share.
+pub struct App {
+    pub platform: Arc<Platform>,
+    pub invoker: Arc<dyn Invoker>,
+    pub logs: Arc<LogWriter>,
+    pub token: String,
+    /// The base URL printed for functions (`http://127.0.0.1:8080`).
+    pub base_url: String,
+}
+
+pub type SharedApp = Arc<App>;
+
+/// The whole HTTP surface. Order of concerns: the admin API sits behind the token check (a
+/// middleware on its sub-router only); the Invoke API and function routes are public, as a
+/// Function URL with auth type NONE is; everything else falls through to the route table.
+pub fn router(app: SharedApp) -> Router {
+    Router::new()
+        .route("/_gust/health", get(|| async { "ok" }))
+        .nest("/_gust/v1", admin::router(app.clone()))
+        .route("/2015-03-31/functions/{name}/invocations", post(invoke_api::invoke))
+        .route("/fn/{name}", any(default_url))
+        .route("/fn/{name}/", any(default_url))
+        .route("/fn/{name}/{*rest}", any(default_url))
+        .fallback(manifest_route)
+        .with_state(app)
+}
+
+fn peer(req: &Request) -> String {
+    req.extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "127.0.0.1".into())
+}
+
+/// `/fn/NAME/rest`: the function sees `/rest` as its path, as under a Lambda Function URL.
+async fn default_url(State(app): State<SharedApp>, req: Request) -> Response {
+    let path = req.uri().path();
+    let after = &path["/fn/".len()..];
+    let (name, rest) = match after.find('/') {
+        Some(i) => (after[..i].to_string(), after[i..].to_string()),
+        None => (after.to_string(), "/".to_string()),
+    };
+    let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy().into_owned();
+    http_invoke(&app, req, &name, rest, "$default".into(), None).await
+}
+
+async fn manifest_route(State(app): State<SharedApp>, req: Request) -> Response {
+    let table = app.platform.routes();
+    let matched = table.find(req.method().as_str(), req.uri().path());
+    let Some(m) = matched else {
+        return error::http_error(&InvokeError::NotFound(req.uri().path().to_string()));
+    };
+    let path = req.uri().path().to_string();
+    http_invoke(&app, req, m.function, path, m.route_key.clone(), Some(m.params)).await
+}
+
+async fn http_invoke(
+    app: &App,
+    req: Request,
+    function: &str,
+    raw_path: String,
+    route_key: String,
+    params: Option<std::collections::BTreeMap<String, String>>,
+) -> Response {
+    let source_ip = peer(&req);
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, MAX_PAYLOAD).await {
+        Ok(b) => b,
+        Err(_) => return error::http_error(&InvokeError::PayloadTooLarge(MAX_PAYLOAD + 1)),
+    };
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let event = apigw::event(&apigw::HttpRequest {
+        method: &parts.method,
+        raw_path: &raw_path,
+        raw_query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        body: &body,
+        route_key: &route_key,
+        path_parameters: params,
+        source_ip,
+        request_id: &request_id,
+    });
+    let invocation = Invocation { payload: event.into(), content_type: None, ..Default::default() };
+    let result = match app.invoker.invoke(function, invocation).await {
+        Ok(r) => r,
+        Err(e) => return error::http_error(&e),
+    };
+    let mut resp = match result.outcome {
+        Outcome::Response { body, content_type } => {
+            let head_only = parts.method == Method::HEAD;
+            match apigw::response(body, content_type.as_deref()) {
+                Some(mut r) => {
+                    if head_only {
+                        *r.body_mut() = Body::empty();
+                    }
+                    r
+                }
+                None => {
+                    tracing::warn!(function, "malformed HTTP response from function (see docs/api.md)");
+                    error::bad_gateway()
+                }
+            }
+        }
+        Outcome::FunctionError { .. } => error::bad_gateway(),
+    };
+    if let Ok(v) = axum::http::HeaderValue::from_str(&result.request_id) {
+        resp.headers_mut().insert("x-amzn-requestid", v);
+    }
+    resp
+}
+
+/// A 404 for unknown admin paths, in the admin error shape.
+pub(crate) async fn admin_not_found(req: Request<Body>) -> impl IntoResponse {
+    (
+        StatusCode::NOT_FOUND,
+        error::ApiError::NotFound(format!("no admin API route {} {}", req.method(), req.uri().path())),
+    )
+}

@@ -1,1 +1,457 @@
-//! gust-pool
+//! gust-pool: instance pools, one per deployed function version, and `Pools`, the registry of
+//! live pools that implements `Invoker`. The decisions are `policy::PoolState`'s (pure); this
+//! file is the thin async driver that starts, hands out, reaps and stops instances.
+//!
+//! Invariants kept here: an instance serves one invocation at a time; every wait is bounded
+//! (queue timeout, init timeout, invocation timeout); a redeploy swaps the pool new requests see
+//! while the old pool finishes what it holds.
+
+pub mod policy;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::{Duration, Instant};
+
+use gust_core::{
+    BoxFuture, DEFAULT_TIMEOUT, Executor, FunctionVersion, INIT_TIMEOUT, InitError, Instance, InstanceOutcome,
+    InstanceRequest, Invocation, InvokeError, InvokeResult, Invoker, LATEST, Outcome, lambda,
+};
+use tokio::sync::{Notify, oneshot};
+
+use crate::policy::{Admit, Handoff, Limits, PoolState};
+
+type Inst = Arc<dyn Instance>;
+type Waiter = oneshot::Sender<Result<Inst, InitError>>;
+
+/// A snapshot of a pool, for `describe`.
+#[derive(Debug, Clone, serde::Serialize, Default)]
+pub struct PoolStats {
+    pub revision: u64,
+    pub idle: usize,
+    pub busy: usize,
+    pub starting: usize,
+    pub waiting: usize,
+    pub cold_starts: u64,
+    pub invocations: u64,
+    pub throttles: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    cold_starts: u64,
+    invocations: u64,
+    throttles: u64,
+}
+
+pub struct Pool {
+    function: Arc<FunctionVersion>,
+    executor: Arc<dyn Executor>,
+    state: Mutex<PoolState<Inst, Waiter>>,
+    counters: Mutex<Counters>,
+    queue_timeout: Duration,
+    /// Wakes the reaper when the idle set changes.
+    reaper_wake: Notify,
+}
+
+impl Pool {
+    fn new(function: Arc<FunctionVersion>, executor: Arc<dyn Executor>) -> Arc<Pool> {
+        let s = &function.spec.scaling;
+        let limits = Limits {
+            max_instances: s.max_instances as usize,
+            min_instances: s.min_instances as usize,
+            queue_length: s.queue_length as usize,
+            idle_timeout: Duration::from_secs(s.idle_timeout),
+        };
+        let pool = Arc::new(Pool {
+            queue_timeout: Duration::from_secs(s.queue_timeout),
+            function,
+            executor,
+            state: Mutex::new(PoolState::new(limits)),
+            counters: Mutex::new(Counters::default()),
+            reaper_wake: Notify::new(),
+        });
+        tokio::spawn(reaper(Arc::downgrade(&pool)));
+        pool
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, PoolState<Inst, Waiter>> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut Counters)) {
+        f(&mut self.counters.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    pub fn function(&self) -> &Arc<FunctionVersion> {
+        &self.function
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        let st = self.state();
+        let c = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        PoolStats {
+            revision: self.function.revision,
+            idle: st.idle_count(),
+            busy: st.busy_count(),
+            starting: st.starting_count(),
+            waiting: st.waiting_count(),
+            cold_starts: c.cold_starts,
+            invocations: c.invocations,
+            throttles: c.throttles,
+        }
+    }
+
+    /// Starts `n` instances in the background (they were already counted as starting).
+    fn spawn_starts(self: &Arc<Self>, n: usize) {
+        for _ in 0..n {
+            let pool = self.clone();
+            tokio::spawn(async move { pool.start_one().await });
+        }
+    }
+
+    async fn start_one(self: Arc<Self>) -> bool {
+        self.count(|c| c.cold_starts += 1);
+        match self.executor.start(self.function.clone()).await {
+            Ok(inst) => {
+                let handoff = self.state().started(inst, Instant::now());
+                self.place(handoff);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(function = %self.function.spec.name, "instance failed to start: {e}");
+                let waiter = self.state().start_failed();
+                if let Some(w) = waiter {
+                    let _ = w.send(Err(e));
+                }
+                false
+            }
+        }
+    }
+
+    /// Carries out a handoff decision; loops when the chosen waiter has already gone.
+    fn place(self: &Arc<Self>, mut handoff: Handoff<Inst, Waiter>) {
+        loop {
+            match handoff {
+                Handoff::Idle => {
+                    self.reaper_wake.notify_one();
+                    return;
+                }
+                Handoff::Stop(inst) => {
+                    tokio::spawn(async move { inst.stop().await });
+                    return;
+                }
+                Handoff::ToWaiter(w, inst) => match w.send(Ok(inst)) {
+                    Ok(()) => return,
+                    Err(back) => {
+                        let inst = back.expect("we sent Ok");
+                        handoff = self.state().unclaimed(inst, Instant::now());
+                    }
+                },
+            }
+        }
+    }
+
+    /// Starts `min_instances` and waits until they are up (or failed). Returns how many started.
+    pub async fn start_min(self: &Arc<Self>) -> usize {
+        let n = self.state().starts_needed();
+        let mut tasks = Vec::new();
+        for _ in 0..n {
+            tasks.push(tokio::spawn(self.clone().start_one()));
+        }
+        let mut ok = 0;
+        for t in tasks {
+            if t.await.unwrap_or(false) {
+                ok += 1;
+            }
+        }
+        ok
+    }
+
+    async fn acquire(self: &Arc<Self>) -> Result<Inst, AcquireError> {
+        let (tx, mut rx) = oneshot::channel();
+        let admit = self.state().admit(|| tx);
+        let (ticket, started) = match admit {
+            Admit::Run(inst) => return Ok(inst),
+            Admit::Throttled => return Err(AcquireError::Throttled),
+            Admit::Queued { ticket, start } => (ticket, start),
+        };
+        if started {
+            self.spawn_starts(1);
+        }
+        // A request that caused a cold start may wait for init as well as the queue.
+        let wait = if started { self.queue_timeout + INIT_TIMEOUT } else { self.queue_timeout };
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(Ok(r)) => r.map_err(AcquireError::Init),
+            Ok(Err(_)) => Err(AcquireError::Throttled),
+            Err(_) => {
+                if self.state().cancel(ticket).is_some() {
+                    return Err(AcquireError::QueueTimeout);
+                }
+                // Handed over while timing out: it is (or is about to be) in the channel.
+                match rx.await {
+                    Ok(r) => r.map_err(AcquireError::Init),
+                    Err(_) => Err(AcquireError::QueueTimeout),
+                }
+            }
+        }
+    }
+
+    fn timeout(&self, inst: &Inst) -> Duration {
+        match self.function.spec.timeout {
+            Some(s) => Duration::from_secs(s.into()),
+            None => inst.config_timeout().unwrap_or(DEFAULT_TIMEOUT),
+        }
+    }
+
+    pub async fn invoke(self: &Arc<Self>, invocation: Invocation) -> Result<InvokeResult, InvokeError> {
+        let request_id = uuid::Uuid::new_v4().to_string();
+        let tail = invocation.tail_log;
+        let inst = match self.acquire().await {
+            Ok(i) => i,
+            Err(AcquireError::Init(e)) => {
+                self.count(|c| c.invocations += 1);
+                return Ok(InvokeResult {
+                    request_id,
+                    outcome: Outcome::FunctionError { error_type: e.error_type.clone(), body: e.body },
+                    executed_version: LATEST.into(),
+                    log_tail: tail.then(|| format!("{}: {}\n", e.error_type, e.message)),
+                });
+            }
+            Err(e) => {
+                self.count(|c| c.throttles += 1);
+                let s = &self.function.spec.scaling;
+                let why = match e {
+                    AcquireError::QueueTimeout => format!("waited {} s in the queue", s.queue_timeout),
+                    _ => format!("{} instances busy and {} requests queued", s.max_instances, s.queue_length),
+                };
+                return Err(InvokeError::Throttled {
+                    message: format!("Rate Exceeded. Function {} is at its concurrency limit ({why})", self.function.spec.name),
+                    retry_after_secs: 1,
+                });
+            }
+        };
+        self.count(|c| c.invocations += 1);
+        let timeout = self.timeout(&inst);
+        let req = InstanceRequest { request_id: request_id.clone(), invocation, timeout };
+        // The invocation runs in its own task so that the instance is released even if the
+        // caller goes away mid-invocation (axum drops the handler future on disconnect).
+        let pool = self.clone();
+        let task = tokio::spawn(async move {
+            let outcome = inst.invoke(req).await;
+            pool.finish(inst, &outcome);
+            outcome
+        });
+        let outcome = task.await.map_err(|e| InvokeError::Platform(format!("invocation task failed: {e}")))?;
+        let (outcome, log_tail) = match outcome {
+            InstanceOutcome::Done { outcome, log_tail } => (outcome, log_tail),
+            InstanceOutcome::TimedOut { log_tail } => (
+                Outcome::FunctionError {
+                    error_type: "Sandbox.Timedout".into(),
+                    body: lambda::timeout_body(&request_id, timeout.as_secs_f64()),
+                },
+                log_tail,
+            ),
+            InstanceOutcome::Crashed { detail, log_tail } => (
+                Outcome::FunctionError { error_type: "Runtime.ExitError".into(), body: lambda::exit_body(&request_id, &detail) },
+                log_tail,
+            ),
+        };
+        Ok(InvokeResult { request_id, outcome, executed_version: LATEST.into(), log_tail })
+    }
+
+    fn finish(self: &Arc<Self>, inst: Inst, outcome: &InstanceOutcome) {
+        let healthy = matches!(outcome, InstanceOutcome::Done { .. }) && inst.is_alive();
+        if healthy {
+            let handoff = self.state().release(inst, Instant::now());
+            self.place(handoff);
+        } else {
+            inst.kill();
+            let starts = {
+                let mut st = self.state();
+                st.discarded();
+                st.starts_needed()
+            };
+            self.spawn_starts(starts);
+        }
+    }
+
+    /// Stops taking work: idle instances stop now, busy ones after they finish.
+    pub fn drain(&self) {
+        let idle = self.state().drain();
+        self.reaper_wake.notify_one();
+        for inst in idle {
+            tokio::spawn(async move { inst.stop().await });
+        }
+    }
+
+    /// Stops the idle instances (they are started again on demand). Returns how many.
+    pub async fn recycle(&self) -> usize {
+        let idle = self.state().take_idle();
+        let n = idle.len();
+        for inst in idle {
+            inst.stop().await;
+        }
+        n
+    }
+
+    /// Waits (bounded) until no instance is busy or starting.
+    pub async fn wait_idle(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            {
+                let st = self.state();
+                if st.busy_count() == 0 && st.starting_count() == 0 {
+                    return true;
+                }
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+enum AcquireError {
+    Throttled,
+    QueueTimeout,
+    Init(InitError),
+}
+
+/// Stops idle instances past their idle timeout; ends when the pool is dropped.
+async fn reaper(pool: Weak<Pool>) {
+    loop {
+        let (sleep, expired) = {
+            let Some(p) = pool.upgrade() else { return };
+            let now = Instant::now();
+            let mut st = p.state();
+            let expired = st.reap(now);
+            let sleep = st.next_expiry(now).unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(50));
+            drop(st);
+            let starts = p.state().starts_needed();
+            p.spawn_starts(starts);
+            (sleep, expired)
+        };
+        for inst in expired {
+            inst.stop().await;
+        }
+        let Some(p) = pool.upgrade() else { return };
+        let wake = async {
+            p.reaper_wake.notified().await;
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = wake => {}
+        }
+        if p.state().is_draining() && p.state().total() == 0 {
+            return;
+        }
+    }
+}
+
+/// The live pools, by function name. Implements `Invoker`.
+pub struct Pools {
+    executor: Arc<dyn Executor>,
+    pools: RwLock<HashMap<String, Arc<Pool>>>,
+    /// Pools replaced or removed but maybe still finishing work (kept for shutdown).
+    retired: Mutex<Vec<Weak<Pool>>>,
+    shutting_down: std::sync::atomic::AtomicBool,
+}
+
+impl Pools {
+    pub fn new(executor: Arc<dyn Executor>) -> Arc<Pools> {
+        Arc::new(Pools {
+            executor,
+            pools: RwLock::new(HashMap::new()),
+            retired: Mutex::new(Vec::new()),
+            shutting_down: Default::default(),
+        })
+    }
+
+    pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
+        self.pools.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// Switches new requests to a new version; the old pool drains. Returns the new pool (the
+    /// caller starts its minimum instances, before or after the switch).
+    pub fn deploy(&self, function: Arc<FunctionVersion>) -> Arc<Pool> {
+        let pool = Pool::new(function.clone(), self.executor.clone());
+        let old = self.pools.write().unwrap_or_else(|p| p.into_inner()).insert(function.spec.name.clone(), pool.clone());
+        if let Some(old) = old {
+            self.retire(old);
+        }
+        pool
+    }
+
+    /// Builds a pool without exposing it (so min instances can warm up before the switch).
+    pub fn prepare(&self, function: Arc<FunctionVersion>) -> Arc<Pool> {
+        Pool::new(function, self.executor.clone())
+    }
+
+    /// Makes a prepared pool the live one.
+    pub fn activate(&self, pool: Arc<Pool>) {
+        let name = pool.function.spec.name.clone();
+        let old = self.pools.write().unwrap_or_else(|p| p.into_inner()).insert(name, pool);
+        if let Some(old) = old {
+            self.retire(old);
+        }
+    }
+
+    pub fn remove(&self, name: &str) -> bool {
+        let old = self.pools.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        match old {
+            Some(old) => {
+                self.retire(old);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn retire(&self, pool: Arc<Pool>) {
+        pool.drain();
+        let mut retired = self.retired.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|w| w.strong_count() > 0);
+        retired.push(Arc::downgrade(&pool));
+    }
+
+    pub fn all(&self) -> Vec<Arc<Pool>> {
+        self.pools.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+
+    /// Graceful shutdown: refuse new work, let in-flight invocations finish (bounded by
+    /// `grace`), then stop every instance.
+    pub async fn shutdown(&self, grace: Duration) {
+        self.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let live: Vec<Arc<Pool>> = self.pools.write().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, p)| p).collect();
+        let retired: Vec<Arc<Pool>> =
+            self.retired.lock().unwrap_or_else(|p| p.into_inner()).drain(..).filter_map(|w| w.upgrade()).collect();
+        let all: Vec<Arc<Pool>> = live.into_iter().chain(retired).collect();
+        for p in &all {
+            p.drain();
+        }
+        let deadline = Instant::now() + grace;
+        for p in &all {
+            p.wait_idle(deadline.saturating_duration_since(Instant::now())).await;
+        }
+        // Whatever is still busy past the grace period is killed: the waiting callers get errors.
+        for p in &all {
+            let idle = p.state().take_idle();
+            for inst in idle {
+                inst.stop().await;
+            }
+        }
+    }
+}
+
+impl Invoker for Pools {
+    fn invoke<'a>(&'a self, function: &'a str, invocation: Invocation) -> BoxFuture<'a, Result<InvokeResult, InvokeError>> {
+        Box::pin(async move {
+            if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+                return Err(InvokeError::ShuttingDown);
+            }
+            let pool = self.get(function).ok_or_else(|| InvokeError::NotFound(function.to_string()))?;
+            pool.invoke(invocation).await
+        })
+    }
+}

@@ -1,0 +1,195 @@
+//! Captures an instance's stdout and stderr line by line, stamps each line with the time and the
+//! request id of the invocation in progress, and sends it to the log sink.
+//!
+//! The built-in runtimes write to their pipes synchronously before they post a response, so when
+//! a response arrives, `drain()` reads whatever is already in the pipes: the invocation's lines
+//! are attributed to it and land before its END/REPORT lines.
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::sync::{Arc, Mutex};
+
+use gust_core::{LogRecord, LogSink, now_ms};
+use tokio::net::unix::pipe;
+
+/// Longest line kept whole; longer output is split.
+const MAX_LINE: usize = 64 * 1024;
+/// Lambda's `X-Amz-Log-Result` carries the last 4 KB.
+pub(crate) const TAIL_BYTES: usize = 4096;
+/// Lines remembered from init, quoted when init fails.
+const RECENT_LINES: usize = 12;
+
+pub(crate) struct Capture {
+    out: pipe::Receiver,
+    err: pipe::Receiver,
+    inner: Mutex<Inner>,
+    sink: Arc<dyn LogSink>,
+    function: String,
+    instance: String,
+}
+
+#[derive(Default)]
+struct Inner {
+    partial: [Vec<u8>; 2],
+    eof: [bool; 2],
+    request_id: Option<String>,
+    tail: Option<String>,
+    recent: VecDeque<String>,
+}
+
+const STREAMS: [&str; 2] = ["stdout", "stderr"];
+
+impl Capture {
+    pub(crate) fn new(
+        out: pipe::Receiver,
+        err: pipe::Receiver,
+        sink: Arc<dyn LogSink>,
+        function: String,
+        instance: String,
+    ) -> Arc<Capture> {
+        Arc::new(Capture { out, err, inner: Mutex::new(Inner::default()), sink, function, instance })
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads both pipes until they close.
+    pub(crate) async fn run(self: Arc<Self>) {
+        loop {
+            let [out_eof, err_eof] = self.inner().eof;
+            if out_eof && err_eof {
+                break;
+            }
+            tokio::select! {
+                r = self.out.readable(), if !out_eof => { if r.is_err() { self.inner().eof[0] = true; } }
+                r = self.err.readable(), if !err_eof => { if r.is_err() { self.inner().eof[1] = true; } }
+            }
+            self.drain();
+        }
+        // Whatever is left without a final newline.
+        let mut inner = self.inner();
+        for i in 0..2 {
+            let rest = std::mem::take(&mut inner.partial[i]);
+            if !rest.is_empty() {
+                self.line(&mut inner, i, &rest);
+            }
+        }
+    }
+
+    /// Reads everything available now, without waiting.
+    pub(crate) fn drain(&self) {
+        let mut inner = self.inner();
+        let mut buf = [0u8; 16 * 1024];
+        for i in 0..2 {
+            let rx = if i == 0 { &self.out } else { &self.err };
+            while !inner.eof[i] {
+                match rx.try_read(&mut buf) {
+                    Ok(0) => inner.eof[i] = true,
+                    Ok(n) => self.feed(&mut inner, i, &buf[..n]),
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                    Err(_) => inner.eof[i] = true,
+                }
+            }
+        }
+    }
+
+    fn feed(&self, inner: &mut Inner, i: usize, mut data: &[u8]) {
+        while let Some(pos) = data.iter().position(|&b| b == b'\n') {
+            let (line, rest) = data.split_at(pos);
+            data = &rest[1..];
+            if inner.partial[i].is_empty() {
+                self.line(inner, i, line);
+            } else {
+                let mut whole = std::mem::take(&mut inner.partial[i]);
+                whole.extend_from_slice(line);
+                self.line(inner, i, &whole);
+            }
+        }
+        inner.partial[i].extend_from_slice(data);
+        if inner.partial[i].len() >= MAX_LINE {
+            let whole = std::mem::take(&mut inner.partial[i]);
+            self.line(inner, i, &whole);
+        }
+    }
+
+    fn line(&self, inner: &mut Inner, i: usize, raw: &[u8]) {
+        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        let text = String::from_utf8_lossy(raw).into_owned();
+        if let Some(tail) = inner.tail.as_mut() {
+            push_tail(tail, &text);
+        }
+        if inner.request_id.is_none() {
+            if inner.recent.len() == RECENT_LINES {
+                inner.recent.pop_front();
+            }
+            inner.recent.push_back(text.clone());
+        }
+        self.sink.emit(LogRecord {
+            function: self.function.clone(),
+            ts_ms: now_ms(),
+            request_id: inner.request_id.clone(),
+            instance: self.instance.clone(),
+            stream: STREAMS[i].to_string(),
+            line: text,
+        });
+    }
+
+    /// Starts attributing lines to an invocation (and collecting its tail if asked).
+    pub(crate) fn begin(&self, request_id: &str, tail: bool) {
+        let mut inner = self.inner();
+        inner.request_id = Some(request_id.to_string());
+        inner.tail = tail.then(String::new);
+    }
+
+    /// A platform line (START, END, REPORT, notices).
+    pub(crate) fn platform(&self, request_id: Option<&str>, text: String) {
+        let mut inner = self.inner();
+        if let Some(tail) = inner.tail.as_mut() {
+            push_tail(tail, &text);
+        }
+        self.sink.emit(LogRecord {
+            function: self.function.clone(),
+            ts_ms: now_ms(),
+            request_id: request_id.map(str::to_string),
+            instance: self.instance.clone(),
+            stream: "platform".to_string(),
+            line: text,
+        });
+    }
+
+    /// Ends the invocation: returns its log tail (last 4 KB) if one was asked for.
+    pub(crate) fn end(&self) -> Option<String> {
+        let mut inner = self.inner();
+        inner.request_id = None;
+        inner.tail.take().map(|t| {
+            if t.len() <= TAIL_BYTES {
+                return t;
+            }
+            let mut start = t.len() - TAIL_BYTES;
+            while !t.is_char_boundary(start) {
+                start += 1;
+            }
+            t[start..].to_string()
+        })
+    }
+
+    /// The last lines printed outside any invocation (init output), for init-failure messages.
+    pub(crate) fn recent(&self) -> Vec<String> {
+        self.inner().recent.iter().cloned().collect()
+    }
+}
+
+fn push_tail(tail: &mut String, line: &str) {
+    tail.push_str(line);
+    tail.push('\n');
+    // Keep the buffer bounded on chatty functions; `end()` cuts to the exact 4 KB.
+    if tail.len() > 4 * TAIL_BYTES {
+        let mut cut = tail.len() - TAIL_BYTES;
+        while !tail.is_char_boundary(cut) {
+            cut += 1;
+        }
+        tail.drain(..cut);
+    }
+}

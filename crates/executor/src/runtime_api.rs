@@ -1,0 +1,305 @@
+//! The Lambda Runtime API (`/2018-06-01/runtime/...`) served to one instance, on its own
+//! loopback port. Follows lambda-contracts.md §1: the `/next` headers, 202 `{"status":"OK"}`,
+//! 400 `InvalidRequestID`, 403 `InvalidStateTransition`, 413 `RequestEntityTooLarge`.
+//!
+//! The instance side (`ProcessInstance::invoke`) hands an invocation over a one-slot channel;
+//! `/next` takes it and remembers it as the current invocation; `/response` or `/error` for that
+//! id completes it through a oneshot. Nothing here holds a lock across an await.
+
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use gust_core::{InitError, MAX_PAYLOAD, Outcome};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, oneshot};
+
+/// An invocation on its way to the runtime.
+pub(crate) struct Dispatch {
+    pub request_id: String,
+    pub payload: Bytes,
+    pub content_type: Option<String>,
+    pub deadline_ms: u64,
+    pub client_context: Option<String>,
+    pub trace_id: Option<String>,
+    pub reply: oneshot::Sender<Outcome>,
+}
+
+struct Current {
+    request_id: String,
+    reply: oneshot::Sender<Outcome>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The first `/next` ends init; `/init/error` is refused after it.
+    initialized: bool,
+    current: Option<Current>,
+    ready: Option<oneshot::Sender<Result<(), InitError>>>,
+    config_timeout: Option<Duration>,
+}
+
+pub(crate) struct RuntimeApi {
+    arn: String,
+    state: Mutex<State>,
+    next: tokio::sync::Mutex<mpsc::Receiver<Dispatch>>,
+}
+
+type Resp = Response<Full<Bytes>>;
+
+fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+fn api_error(status: StatusCode, error_type: &str, message: &str) -> Resp {
+    json(status, gust_core::lambda::error_body(error_type, message))
+}
+
+fn accepted() -> Resp {
+    json(StatusCode::ACCEPTED, Bytes::from_static(br#"{"status":"OK"}"#))
+}
+
+impl RuntimeApi {
+    pub(crate) fn new(
+        arn: String,
+        ready: oneshot::Sender<Result<(), InitError>>,
+    ) -> (Arc<RuntimeApi>, mpsc::Sender<Dispatch>) {
+        let (tx, rx) = mpsc::channel(1);
+        let state = State { ready: Some(ready), ..State::default() };
+        (Arc::new(RuntimeApi { arn, state: Mutex::new(state), next: tokio::sync::Mutex::new(rx) }), tx)
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn config_timeout(&self) -> Option<Duration> {
+        self.state().config_timeout
+    }
+
+    /// Drops the current invocation (timeout or crash): a late reply for it gets 400.
+    pub(crate) fn abandon_current(&self) {
+        self.state().current = None;
+    }
+
+    /// Fails init from outside (the process exited or init timed out) unless it already ended.
+    pub(crate) fn fail_init(&self, err: InitError) {
+        if let Some(ready) = self.state().ready.take() {
+            let _ = ready.send(Err(err));
+        }
+    }
+
+    /// Accepts runtime connections until the task is aborted (when the instance stops).
+    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else { continue };
+            let _ = stream.set_nodelay(true);
+            let api = self.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    let api = api.clone();
+                    async move { Ok::<_, Infallible>(api.handle(req).await) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .keep_alive(true)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Resp {
+        let path = req.uri().path();
+        let Some(rest) = path.strip_prefix("/2018-06-01/") else {
+            return api_error(StatusCode::NOT_FOUND, "NotFound", &format!("no such Runtime API path: {path}"));
+        };
+        match (req.method(), rest) {
+            (&Method::GET, "runtime/invocation/next") => self.next().await,
+            (&Method::POST, "runtime/init/error") => self.init_error(req).await,
+            (&Method::POST, "gust/config") => self.gust_config(req).await,
+            (&Method::GET, "ping") => json(StatusCode::OK, Bytes::from_static(b"{}")),
+            (&Method::POST, r) if r.starts_with("runtime/invocation/") => {
+                let tail = &r["runtime/invocation/".len()..];
+                match tail.rsplit_once('/') {
+                    Some((id, "response")) => {
+                        let id = id.to_string();
+                        self.complete(req, id, false).await
+                    }
+                    Some((id, "error")) => {
+                        let id = id.to_string();
+                        self.complete(req, id, true).await
+                    }
+                    _ => api_error(StatusCode::NOT_FOUND, "NotFound", &format!("no such Runtime API path: {path}")),
+                }
+            }
+            (m, _) => api_error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no such Runtime API route: {m} {path}"),
+            ),
+        }
+    }
+
+    async fn next(&self) -> Resp {
+        {
+            let mut st = self.state();
+            st.initialized = true;
+            if let Some(ready) = st.ready.take() {
+                let _ = ready.send(Ok(()));
+            }
+        }
+        let dispatch = self.next.lock().await.recv().await;
+        let Some(d) = dispatch else {
+            // The instance is stopping; the runtime should exit.
+            return api_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "instance is shutting down");
+        };
+        self.state().current = Some(Current { request_id: d.request_id.clone(), reply: d.reply });
+        let mut r = Response::new(Full::new(d.payload));
+        let h = r.headers_mut();
+        let hv = |s: &str| HeaderValue::from_str(s).ok();
+        if let Some(v) = hv(&d.request_id) {
+            h.insert("lambda-runtime-aws-request-id", v);
+        }
+        h.insert("lambda-runtime-deadline-ms", HeaderValue::from(d.deadline_ms));
+        if let Some(v) = hv(&self.arn) {
+            h.insert("lambda-runtime-invoked-function-arn", v);
+        }
+        if let Some(v) = d.trace_id.as_deref().and_then(hv) {
+            h.insert("lambda-runtime-trace-id", v);
+        }
+        if let Some(v) = d.client_context.as_deref().and_then(hv) {
+            h.insert("lambda-runtime-client-context", v);
+        }
+        let ct = d.content_type.as_deref().and_then(hv).unwrap_or(HeaderValue::from_static("application/json"));
+        h.insert(header::CONTENT_TYPE, ct);
+        r
+    }
+
+    /// Reads a body of at most `MAX_PAYLOAD` bytes; `Err(true)` when it is larger, `Err(false)`
+    /// when the connection broke mid-body.
+    async fn read_body(req: Request<Incoming>) -> Result<(http::HeaderMap, Bytes), bool> {
+        let declared = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if declared.is_some_and(|n| n > MAX_PAYLOAD) {
+            return Err(true);
+        }
+        let (parts, body) = req.into_parts();
+        match Limited::new(body, MAX_PAYLOAD).collect().await {
+            Ok(c) => Ok((parts.headers, c.to_bytes())),
+            Err(e) => Err(e.downcast_ref::<http_body_util::LengthLimitError>().is_some()),
+        }
+    }
+
+    async fn complete(&self, req: Request<Incoming>, id: String, is_error: bool) -> Resp {
+        let invalid = || api_error(StatusCode::BAD_REQUEST, "InvalidRequestID", "Invalid request ID");
+        {
+            let st = self.state();
+            if !st.initialized {
+                return api_error(StatusCode::FORBIDDEN, "InvalidStateTransition", "State transition from Initializing to Response is not allowed");
+            }
+            if st.current.as_ref().is_none_or(|c| c.request_id != id) {
+                return invalid();
+            }
+        }
+        let body = Self::read_body(req).await;
+        let outcome = match (&body, is_error) {
+            (Err(true), _) => Outcome::function_error(
+                "Function.ResponseSizeTooLarge",
+                &format!("Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+            ),
+            (Err(false), _) => return api_error(StatusCode::BAD_REQUEST, "TruncatedHTTPRequest", "the request body was truncated"),
+            (Ok((headers, body)), false) => Outcome::Response {
+                body: body.clone(),
+                content_type: headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string),
+            },
+            (Ok((headers, body)), true) => error_outcome(headers, body),
+        };
+        let Some(current) = ({
+            let mut st = self.state();
+            if st.current.as_ref().is_some_and(|c| c.request_id == id) { st.current.take() } else { None }
+        }) else {
+            return invalid();
+        };
+        let _ = current.reply.send(outcome);
+        match body {
+            Err(true) => api_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                &format!("Exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+            ),
+            _ => accepted(),
+        }
+    }
+
+    async fn init_error(&self, req: Request<Incoming>) -> Resp {
+        if self.state().initialized {
+            return api_error(StatusCode::FORBIDDEN, "InvalidStateTransition", "State transition from Ready to InitError is not allowed");
+        }
+        let (headers, body) = match Self::read_body(req).await {
+            Ok(b) => b,
+            Err(true) => return api_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", "init error body too large"),
+            Err(false) => return api_error(StatusCode::BAD_REQUEST, "TruncatedHTTPRequest", "the request body was truncated"),
+        };
+        let Outcome::FunctionError { error_type, body } = error_outcome(&headers, &body) else { unreachable!() };
+        let message = serde_json::from_slice::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v.get("errorMessage").and_then(|m| m.as_str()).map(str::to_string))
+            .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
+        self.fail_init(InitError { error_type, message, body });
+        accepted()
+    }
+
+    /// gust's own extension for the built-in bootstraps: the plain-module style's `config`
+    /// (`{"timeout_ms": 10000}`), which applies where the manifest is silent.
+    async fn gust_config(&self, req: Request<Incoming>) -> Resp {
+        let Ok((_, body)) = Self::read_body(req).await else {
+            return api_error(StatusCode::BAD_REQUEST, "InvalidConfig", "unreadable config body");
+        };
+        let v: serde_json::Value = match serde_json::from_slice(&body) {
+            Ok(v) => v,
+            Err(e) => return api_error(StatusCode::BAD_REQUEST, "InvalidConfig", &format!("config is not JSON: {e}")),
+        };
+        if let Some(ms) = v.get("timeout_ms").and_then(|t| t.as_f64()) {
+            if !(1.0..=900_000.0).contains(&ms) {
+                return api_error(StatusCode::BAD_REQUEST, "InvalidConfig", "config.timeout must be 1..=900000 ms");
+            }
+            self.state().config_timeout = Some(Duration::from_millis(ms as u64));
+        }
+        accepted()
+    }
+}
+
+/// The outcome of `/error` and `/init/error`: the error type from the header, else the body's
+/// `errorType`, else `Unhandled`; the body passed through, minus an X-Ray `errorCause`.
+fn error_outcome(headers: &http::HeaderMap, body: &Bytes) -> Outcome {
+    let parsed: Option<serde_json::Value> = serde_json::from_slice(body).ok();
+    let error_type = headers
+        .get("lambda-runtime-function-error-type")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty())
+        .map(str::to_string)
+        .or_else(|| parsed.as_ref().and_then(|v| v.get("errorType")?.as_str().map(str::to_string)))
+        .unwrap_or_else(|| "Unhandled".to_string());
+    let body = match parsed {
+        Some(serde_json::Value::Object(mut m)) => {
+            if m.remove("errorCause").is_some() {
+                serde_json::Value::Object(m).to_string().into()
+            } else {
+                body.clone()
+            }
+        }
+        Some(_) => body.clone(),
+        None => gust_core::lambda::error_body(&error_type, &String::from_utf8_lossy(body)),
+    };
+    Outcome::FunctionError { error_type, body }
+}

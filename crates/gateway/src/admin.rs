@@ -1,0 +1,176 @@
+//! The admin API under `/_gust/v1/` (JSON, bearer token). See docs/api.md.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use axum::Json;
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use crate::error::ApiError;
+use crate::{SharedApp, admin_not_found};
+
+/// Largest code bundle accepted (Lambda: 250 MB unzipped).
+const MAX_BUNDLE: usize = 256 * 1024 * 1024;
+
+pub(crate) fn router(app: SharedApp) -> Router<SharedApp> {
+    Router::new()
+        .route("/functions", get(list))
+        .route("/functions/{name}", get(describe).delete(remove_function))
+        .route("/functions/{name}/logs", get(logs))
+        .route("/functions/{name}/recycle", post(recycle))
+        .route("/services", post(deploy))
+        .route("/services/{name}", axum::routing::delete(remove_service))
+        .route("/blobs/{sha}", put(put_blob).get(has_blob))
+        .fallback(admin_not_found)
+        .layer(middleware::from_fn_with_state(app, auth))
+}
+
+/// Constant-time comparison, so the token cannot be guessed byte by byte from timings.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(app): State<SharedApp>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match given {
+        Some(t) if same(t.as_bytes(), app.token.as_bytes()) => next.run(req).await,
+        _ => ApiError::Unauthorized.into_response(),
+    }
+}
+
+fn function_json(app: &SharedApp, f: &gust_store::StoredFunction) -> Value {
+    let stats = app.platform.pools.get(&f.spec.name).map(|p| p.stats()).unwrap_or_default();
+    json!({
+        "name": f.spec.name,
+        "service": f.spec.service,
+        "runtime": f.spec.runtime,
+        "handler": f.spec.handler,
+        "memory": f.spec.memory_mb,
+        "timeout": f.spec.timeout,
+        "environment": f.spec.environment,
+        "scaling": f.spec.scaling,
+        "routes": f.spec.routes,
+        "revision": f.revision,
+        "code_sha256": f.code_sha256,
+        "deployed_at": gust_core::time::iso8601_ms(f.deployed_at_ms),
+        "url": format!("{}/fn/{}", app.base_url, f.spec.name),
+        "instances": stats,
+    })
+}
+
+async fn list(State(app): State<SharedApp>) -> Result<Json<Value>, ApiError> {
+    let fs = app.platform.store.functions()?;
+    Ok(Json(Value::Array(fs.iter().map(|f| function_json(&app, f)).collect())))
+}
+
+fn not_deployed(name: &str) -> ApiError {
+    ApiError::NotFound(format!("function {name} is not deployed (see `gust ls`)"))
+}
+
+async fn describe(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let f = app.platform.store.function(&name)?.ok_or_else(|| not_deployed(&name))?;
+    Ok(Json(function_json(&app, &f)))
+}
+
+async fn remove_function(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    app.platform.remove_function(&name).await?;
+    Ok(Json(json!({ "removed": [name] })))
+}
+
+async fn remove_service(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let removed = app.platform.remove_service(&name).await?;
+    Ok(Json(json!({ "service": name, "removed": removed })))
+}
+
+async fn recycle(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+    let pool = app.platform.pools.get(&name).ok_or_else(|| not_deployed(&name))?;
+    let stopped = pool.recycle().await;
+    Ok(Json(json!({ "stopped": stopped })))
+}
+
+#[derive(Deserialize)]
+struct LogQuery {
+    after: Option<i64>,
+    limit: Option<usize>,
+    /// Seconds to wait for new lines when there are none (for `gust logs -f`).
+    wait: Option<u64>,
+}
+
+async fn logs(
+    State(app): State<SharedApp>,
+    Path(name): Path<String>,
+    Query(q): Query<LogQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.unwrap_or(200).clamp(1, 10_000);
+    let deadline = Instant::now() + Duration::from_secs(q.wait.unwrap_or(0).min(60));
+    loop {
+        // Lines emitted before this request are visible to it.
+        let writer = app.logs.clone();
+        tokio::task::spawn_blocking(move || writer.flush())
+            .await
+            .map_err(|e| ApiError::Platform(e.to_string()))?;
+        let rows = app.platform.store.logs(&name, q.after, limit)?;
+        if !rows.is_empty() || Instant::now() >= deadline {
+            let next = rows.last().map(|r| r.id).or(q.after);
+            return Ok(Json(json!({ "logs": rows, "next": next })));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployBody {
+    manifest: String,
+    #[serde(default = "default_file")]
+    file: String,
+    code: HashMap<String, String>,
+}
+
+fn default_file() -> String {
+    "gust.toml".into()
+}
+
+async fn deploy(State(app): State<SharedApp>, body: Bytes) -> Result<Json<Value>, ApiError> {
+    let body: DeployBody = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::BadRequest(format!(
+            "deploy body must be JSON {{\"manifest\": \"<gust.toml text>\", \"file\": \"gust.toml\", \"code\": {{\"FUNCTION\": \"<sha256>\"}}}}: {e}"
+        ))
+    })?;
+    let report = app.platform.deploy(&body.file, &body.manifest, &body.code).await?;
+    let mut v = serde_json::to_value(&report).map_err(|e| ApiError::Platform(e.to_string()))?;
+    for f in v["functions"].as_array_mut().into_iter().flatten() {
+        let url = format!("{}/fn/{}", app.base_url, f["name"].as_str().unwrap_or_default());
+        f["url"] = Value::String(url);
+    }
+    Ok(Json(v))
+}
+
+async fn has_blob(State(app): State<SharedApp>, Path(sha): Path<String>) -> StatusCode {
+    if app.platform.store.has_blob(&sha) { StatusCode::OK } else { StatusCode::NOT_FOUND }
+}
+
+async fn put_blob(State(app): State<SharedApp>, Path(sha): Path<String>, req: Request) -> Result<Response, ApiError> {
+    let body = axum::body::to_bytes(req.into_body(), MAX_BUNDLE)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(format!("code bundles are limited to {} MB", MAX_BUNDLE >> 20)))?;
+    let store = app.platform.store.clone();
+    let created = tokio::task::spawn_blocking(move || store.put_blob(&sha, &body))
+        .await
+        .map_err(|e| ApiError::Platform(e.to_string()))??;
+    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    Ok((status, Json(json!({ "created": created }))).into_response())
+}

@@ -1,0 +1,135 @@
+//! The one place where errors become HTTP responses, per surface:
+//! - the admin API: `{"error": {"code", "message"}}` with a 4xx for the caller's faults;
+//! - the Lambda Invoke API: restJson1 service errors (`x-amzn-ErrorType`, `{"Type","message"}`),
+//!   `TooManyRequestsException` with `Reason` and `Retry-After`;
+//! - HTTP triggers: API Gateway's `{"message": …}` bodies (502 for function errors).
+//!
+//! Platform faults are logged in full and answered with a short 500.
+
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use gust_core::{ErrorClass, InvokeError, lambda};
+use gust_store::StoreError;
+use serde_json::json;
+
+/// An admin API error.
+#[derive(Debug)]
+pub enum ApiError {
+    BadRequest(String),
+    Unauthorized,
+    NotFound(String),
+    Conflict(String),
+    PayloadTooLarge(String),
+    Platform(String),
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(m) => ApiError::Conflict(m),
+            StoreError::Invalid(m) => ApiError::BadRequest(m),
+            other => ApiError::Platform(other.to_string()),
+        }
+    }
+}
+
+fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
+    let mut r = (status, body.to_string()).into_response();
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            ApiError::BadRequest(m) => (StatusCode::BAD_REQUEST, "BadRequest", m),
+            ApiError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "missing or wrong admin token: send `Authorization: Bearer <token>`; the token is in \
+                 <data-dir>/admin-token (the CLI reads it there, or from GUST_TOKEN)"
+                    .to_string(),
+            ),
+            ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "NotFound", m),
+            ApiError::Conflict(m) => (StatusCode::CONFLICT, "Conflict", m),
+            ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", m),
+            ApiError::Platform(m) => {
+                tracing::error!("admin API: {m}");
+                (StatusCode::INTERNAL_SERVER_ERROR, "Internal", "internal error; see the server log".to_string())
+            }
+        };
+        let mut r = json_response(status, json!({ "error": { "code": code, "message": message } }));
+        if status == StatusCode::UNAUTHORIZED {
+            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+/// An Invoke API error in the AWS restJson1 shape.
+pub fn aws_error(status: StatusCode, error_type: &str, message: &str) -> Response {
+    let kind = if status.is_client_error() { "User" } else { "Service" };
+    let mut r = json_response(status, json!({ "Type": kind, "message": message }));
+    if let Ok(v) = HeaderValue::from_str(error_type) {
+        r.headers_mut().insert("x-amzn-errortype", v);
+    }
+    r
+}
+
+pub fn invoke_api_error(e: &InvokeError) -> Response {
+    match e {
+        InvokeError::NotFound(name) => aws_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            &format!("Function not found: {}", lambda::function_arn(name)),
+        ),
+        InvokeError::Throttled { message, retry_after_secs } => {
+            let mut r = json_response(
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({
+                    "Type": "User",
+                    "message": message,
+                    "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded",
+                    "retryAfterSeconds": retry_after_secs.to_string(),
+                }),
+            );
+            r.headers_mut().insert("x-amzn-errortype", HeaderValue::from_static("TooManyRequestsException"));
+            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            r
+        }
+        InvokeError::PayloadTooLarge(_) => {
+            aws_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException", &e.to_string())
+        }
+        InvokeError::ShuttingDown => {
+            aws_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceException", "gust is shutting down; retry on another node")
+        }
+        InvokeError::Platform(m) => {
+            tracing::error!("invoke: {m}");
+            aws_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", "internal error; see the server log")
+        }
+    }
+}
+
+/// An HTTP trigger error, as API Gateway answers it.
+pub fn http_error(e: &InvokeError) -> Response {
+    let (status, message) = match (e.class(), e) {
+        (_, InvokeError::NotFound(_)) => (StatusCode::NOT_FOUND, "Not Found"),
+        (_, InvokeError::Throttled { .. }) => (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
+        (_, InvokeError::PayloadTooLarge(_)) => (StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large"),
+        (_, InvokeError::ShuttingDown) => (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"),
+        (ErrorClass::Platform, _) | (_, InvokeError::Platform(_)) => {
+            tracing::error!("http trigger: {e}");
+            (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
+        }
+    };
+    let mut r = json_response(status, json!({ "message": message }));
+    if let InvokeError::Throttled { retry_after_secs, .. } = e {
+        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+    }
+    r
+}
+
+/// A function error or malformed function response on an HTTP trigger: 502.
+pub fn bad_gateway() -> Response {
+    json_response(StatusCode::BAD_GATEWAY, json!({ "message": "Internal Server Error" }))
+}

@@ -1,0 +1,171 @@
+//! The platform's control plane on one node: deploys and removals update the store, the live
+//! pools and the route table together. Used by the admin API and at start-up (restore).
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use gust_core::FunctionVersion;
+use gust_pool::Pools;
+use gust_store::{Store, StoredFunction};
+use serde::Serialize;
+
+use crate::error::ApiError;
+use crate::routes::RouteTable;
+
+pub struct Platform {
+    pub store: Arc<Store>,
+    pub pools: Arc<Pools>,
+    routes: RwLock<Arc<RouteTable>>,
+    /// Serialises deploys and removals so that the store, pools and routes change together.
+    deploy_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeployedFunction {
+    pub name: String,
+    pub revision: u64,
+    pub min_instances: u32,
+    pub min_instances_started: usize,
+    pub routes: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct DeployReport {
+    pub service: String,
+    pub functions: Vec<DeployedFunction>,
+    pub removed: Vec<String>,
+}
+
+impl Platform {
+    pub fn new(store: Arc<Store>, pools: Arc<Pools>) -> Arc<Platform> {
+        Arc::new(Platform {
+            store,
+            pools,
+            routes: RwLock::new(Arc::new(RouteTable::default())),
+            deploy_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn rebuild_routes(&self) {
+        let pools = self.pools.all();
+        let table = RouteTable::new(pools.iter().map(|p| {
+            let s = &p.function().spec;
+            (s.name.as_str(), s.routes.as_slice())
+        }));
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(table);
+    }
+
+    fn version(&self, f: &StoredFunction) -> Result<Arc<FunctionVersion>, ApiError> {
+        Ok(Arc::new(FunctionVersion {
+            spec: f.spec.clone(),
+            revision: f.revision,
+            code_sha256: f.code_sha256.clone(),
+            code_dir: self.store.code_dir(&f.code_sha256)?,
+        }))
+    }
+
+    /// Brings every stored function back after a restart.
+    pub async fn restore(&self) -> Result<usize, ApiError> {
+        let _guard = self.deploy_lock.lock().await;
+        let functions = self.store.functions()?;
+        let mut pools = Vec::new();
+        for f in &functions {
+            match self.version(f) {
+                Ok(v) => pools.push(self.pools.deploy(v)),
+                Err(e) => tracing::error!("cannot restore function {}: {e:?}", f.spec.name),
+            }
+        }
+        self.rebuild_routes();
+        for p in pools {
+            p.start_min().await;
+        }
+        Ok(functions.len())
+    }
+
+    /// Deploys a whole service from its manifest text and the code hash of each function.
+    pub async fn deploy(
+        &self,
+        file: &str,
+        manifest_text: &str,
+        code: &HashMap<String, String>,
+    ) -> Result<DeployReport, ApiError> {
+        let manifest =
+            gust_manifest::parse(file, manifest_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let mut specs = Vec::new();
+        for f in &manifest.functions {
+            let sha = code.get(&f.spec.name).ok_or_else(|| {
+                ApiError::BadRequest(format!(
+                    "no code bundle for function {}: add \"{}\": \"<sha256>\" to \"code\"",
+                    f.spec.name, f.spec.name
+                ))
+            })?;
+            specs.push((f.spec.clone(), sha.clone()));
+        }
+        let _guard = self.deploy_lock.lock().await;
+        // Routes must not collide with another service's.
+        let table = self.routes();
+        for (spec, _) in &specs {
+            for r in &spec.routes {
+                if let Some(owner) = table.owner(&r.method, &r.path)
+                    && self.store.function(owner)?.is_some_and(|o| o.spec.service != manifest.service)
+                {
+                    return Err(ApiError::Conflict(format!(
+                        "route {} {} of function {} is already served by function {owner} of another service: choose another path",
+                        r.method, r.path, spec.name
+                    )));
+                }
+            }
+        }
+        let (stored, removed) = self.store.deploy_service(&manifest.service, manifest_text, &specs)?;
+        let mut report = DeployReport { service: manifest.service.clone(), functions: Vec::new(), removed: removed.clone() };
+        // New versions warm their minimum instances before they take traffic, so a redeploy
+        // never makes callers wait for a cold start that could have been done ahead.
+        let mut prepared = Vec::new();
+        for f in &stored {
+            let pool = self.pools.prepare(self.version(f)?);
+            let started = pool.start_min().await;
+            report.functions.push(DeployedFunction {
+                name: f.spec.name.clone(),
+                revision: f.revision,
+                min_instances: f.spec.scaling.min_instances,
+                min_instances_started: started,
+                routes: f.spec.routes.iter().map(|r| format!("{} {}", r.method, r.path)).collect(),
+            });
+            prepared.push(pool);
+        }
+        for pool in prepared {
+            self.pools.activate(pool);
+        }
+        for name in &removed {
+            self.pools.remove(name);
+        }
+        self.rebuild_routes();
+        Ok(report)
+    }
+
+    pub async fn remove_function(&self, name: &str) -> Result<(), ApiError> {
+        let _guard = self.deploy_lock.lock().await;
+        if !self.store.remove_function(name)? {
+            return Err(ApiError::NotFound(format!("function {name} is not deployed (see `gust ls`)")));
+        }
+        self.pools.remove(name);
+        self.rebuild_routes();
+        Ok(())
+    }
+
+    pub async fn remove_service(&self, service: &str) -> Result<Vec<String>, ApiError> {
+        let _guard = self.deploy_lock.lock().await;
+        let Some(names) = self.store.remove_service(service)? else {
+            return Err(ApiError::NotFound(format!("service {service} is not deployed (see `gust ls`)")));
+        };
+        for n in &names {
+            self.pools.remove(n);
+        }
+        self.rebuild_routes();
+        Ok(names)
+    }
+}

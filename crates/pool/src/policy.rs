@@ -1,0 +1,309 @@
+//! The pool's decisions as a pure state machine: which instance serves a request, when to start
+//! one, when to queue, when to refuse, when to reap. No I/O, no clock of its own (time is passed
+//! in), generic over the instance handle `I` and the waiter `W`, so it is tested without
+//! processes. The driver in `lib.rs` carries the decisions out.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub max_instances: usize,
+    pub min_instances: usize,
+    /// Waiters allowed beyond those that instances already starting will serve.
+    pub queue_length: usize,
+    pub idle_timeout: Duration,
+}
+
+/// What to do with a new request.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admit<I> {
+    /// Serve it now on this warm instance.
+    Run(I),
+    /// It waits in the queue with this ticket; if `start` the driver starts one instance for it.
+    Queued { ticket: u64, start: bool },
+    /// Every instance is busy, none may start, the queue is full.
+    Throttled,
+}
+
+/// Where a freed (or newly started) instance goes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Handoff<I, W> {
+    /// To the longest-waiting request.
+    ToWaiter(W, I),
+    /// Back to the idle stack.
+    Idle,
+    /// The pool is draining and nobody waits: stop it.
+    Stop(I),
+}
+
+#[derive(Debug)]
+pub struct PoolState<I, W> {
+    limits: Limits,
+    /// Idle instances, most recently used last: taken from the end, so the same few stay hot
+    /// and the rest idle out.
+    idle: Vec<(I, Instant)>,
+    busy: usize,
+    starting: usize,
+    waiters: VecDeque<(u64, W)>,
+    next_ticket: u64,
+    draining: bool,
+}
+
+impl<I, W> PoolState<I, W> {
+    pub fn new(limits: Limits) -> Self {
+        PoolState {
+            limits,
+            idle: Vec::new(),
+            busy: 0,
+            starting: 0,
+            waiters: VecDeque::new(),
+            next_ticket: 0,
+            draining: false,
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.idle.len() + self.busy + self.starting
+    }
+    pub fn idle_count(&self) -> usize {
+        self.idle.len()
+    }
+    pub fn busy_count(&self) -> usize {
+        self.busy
+    }
+    pub fn starting_count(&self) -> usize {
+        self.starting
+    }
+    pub fn waiting_count(&self) -> usize {
+        self.waiters.len()
+    }
+    pub fn is_draining(&self) -> bool {
+        self.draining
+    }
+
+    /// A new request: the MRU idle instance, else a queue slot (starting an instance when below
+    /// the limit), else throttled. `waiter` is only consumed when the request is queued.
+    pub fn admit(&mut self, waiter: impl FnOnce() -> W) -> Admit<I> {
+        if let Some((inst, _)) = self.idle.pop() {
+            self.busy += 1;
+            return Admit::Run(inst);
+        }
+        let start = !self.draining && self.total() < self.limits.max_instances;
+        // Waiters covered by instances already starting don't count against the queue length.
+        let excess = self.waiters.len().saturating_sub(self.starting);
+        if !start && excess >= self.limits.queue_length {
+            return Admit::Throttled;
+        }
+        if start {
+            self.starting += 1;
+        }
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        self.waiters.push_back((ticket, waiter()));
+        Admit::Queued { ticket, start }
+    }
+
+    /// A waiter gave up (its wait timed out). Returns it if it was still queued; `None` means an
+    /// instance was already handed to it.
+    pub fn cancel(&mut self, ticket: u64) -> Option<W> {
+        let pos = self.waiters.iter().position(|(t, _)| *t == ticket)?;
+        self.waiters.remove(pos).map(|(_, w)| w)
+    }
+
+    /// An instance finished an invocation and is healthy.
+    pub fn release(&mut self, inst: I, now: Instant) -> Handoff<I, W> {
+        self.busy -= 1;
+        self.place(inst, now)
+    }
+
+    /// An instance finished starting.
+    pub fn started(&mut self, inst: I, now: Instant) -> Handoff<I, W> {
+        self.starting -= 1;
+        self.place(inst, now)
+    }
+
+    fn place(&mut self, inst: I, now: Instant) -> Handoff<I, W> {
+        if let Some((_, w)) = self.waiters.pop_front() {
+            self.busy += 1;
+            return Handoff::ToWaiter(w, inst);
+        }
+        if self.draining {
+            return Handoff::Stop(inst);
+        }
+        self.idle.push((inst, now));
+        Handoff::Idle
+    }
+
+    /// A waiter's receiver was gone when an instance was handed to it: take the instance back
+    /// as if released.
+    pub fn unclaimed(&mut self, inst: I, now: Instant) -> Handoff<I, W> {
+        self.release(inst, now)
+    }
+
+    /// An instance failed to start. Returns the waiter that should get the init error, if any
+    /// is not covered by another starting instance. (Lambda returns the init error to the
+    /// invocation that caused the cold start.)
+    pub fn start_failed(&mut self) -> Option<W> {
+        self.starting -= 1;
+        if self.waiters.len() > self.starting { self.waiters.pop_front().map(|(_, w)| w) } else { None }
+    }
+
+    /// A busy instance died (timeout, crash) and was discarded.
+    pub fn discarded(&mut self) {
+        self.busy -= 1;
+    }
+
+    /// How many instances to start now: for waiters no starting instance covers (after a
+    /// discard), and to keep `min_instances`. Marks them as starting.
+    pub fn starts_needed(&mut self) -> usize {
+        if self.draining {
+            return 0;
+        }
+        let room = self.limits.max_instances.saturating_sub(self.total());
+        let for_waiters = self.waiters.len().saturating_sub(self.starting);
+        let for_min = self.limits.min_instances.saturating_sub(self.total());
+        let n = for_waiters.max(for_min).min(room);
+        self.starting += n;
+        n
+    }
+
+    /// Idle instances past `idle_timeout`, oldest first, keeping `min_instances` in all.
+    pub fn reap(&mut self, now: Instant) -> Vec<I> {
+        let mut out = Vec::new();
+        // The idle stack is ordered by last use: the front is the least recently used.
+        while let Some((_, since)) = self.idle.first() {
+            let expired = now.saturating_duration_since(*since) >= self.limits.idle_timeout;
+            if !expired || self.total() <= self.limits.min_instances {
+                break;
+            }
+            out.push(self.idle.remove(0).0);
+        }
+        out
+    }
+
+    /// Takes every idle instance (recycle, removal).
+    pub fn take_idle(&mut self) -> Vec<I> {
+        self.idle.drain(..).map(|(i, _)| i).collect()
+    }
+
+    /// Stops taking new work for good (a redeploy replaced this pool, or the function was
+    /// removed): returns the idle instances to stop. Busy ones stop when released, after
+    /// serving whoever still waits.
+    pub fn drain(&mut self) -> Vec<I> {
+        self.draining = true;
+        self.take_idle()
+    }
+
+    /// The time until the next idle instance expires, for the reaper's sleep.
+    pub fn next_expiry(&self, now: Instant) -> Option<Duration> {
+        self.idle
+            .first()
+            .map(|(_, since)| (*since + self.limits.idle_timeout).saturating_duration_since(now))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max: usize, min: usize, queue: usize) -> Limits {
+        Limits { max_instances: max, min_instances: min, queue_length: queue, idle_timeout: Duration::from_secs(10) }
+    }
+
+    #[test]
+    fn cold_start_then_warm_reuse_mru_first() {
+        let t0 = Instant::now();
+        let mut p: PoolState<&str, u32> = PoolState::new(limits(2, 0, 0));
+        assert_eq!(p.admit(|| 1), Admit::Queued { ticket: 0, start: true });
+        assert_eq!(p.admit(|| 2), Admit::Queued { ticket: 1, start: true });
+        assert_eq!(p.started("a", t0), Handoff::ToWaiter(1, "a"));
+        assert_eq!(p.started("b", t0), Handoff::ToWaiter(2, "b"));
+        assert_eq!(p.release("a", t0), Handoff::Idle);
+        assert_eq!(p.release("b", t0 + Duration::from_secs(1)), Handoff::Idle);
+        // Most recently used first.
+        assert_eq!(p.admit(|| 3), Admit::Run("b"));
+        assert_eq!(p.admit(|| 4), Admit::Run("a"));
+        assert_eq!(p.busy_count(), 2);
+    }
+
+    #[test]
+    fn concurrent_requests_never_share_and_queue_is_bounded() {
+        let t0 = Instant::now();
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(2, 0, 1));
+        assert!(matches!(p.admit(|| 1), Admit::Queued { start: true, .. }));
+        assert!(matches!(p.admit(|| 2), Admit::Queued { start: true, .. }));
+        // At the limit: one may queue, the next is throttled.
+        assert!(matches!(p.admit(|| 3), Admit::Queued { start: false, .. }));
+        assert_eq!(p.admit(|| 4), Admit::Throttled);
+        assert_eq!(p.started(10, t0), Handoff::ToWaiter(1, 10));
+        assert_eq!(p.started(11, t0), Handoff::ToWaiter(2, 11));
+        assert_eq!(p.admit(|| 5), Admit::Throttled);
+        // FIFO: the freed instance goes to the oldest waiter.
+        assert_eq!(p.release(10, t0), Handoff::ToWaiter(3, 10));
+        assert_eq!(p.total(), 2);
+    }
+
+    #[test]
+    fn cancel_and_init_failure() {
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 0, 5));
+        let Admit::Queued { ticket, start: true } = p.admit(|| 1) else { panic!() };
+        let Admit::Queued { ticket: t2, start: false } = p.admit(|| 2) else { panic!() };
+        assert_eq!(p.cancel(t2), Some(2));
+        assert_eq!(p.cancel(t2), None);
+        // The failed start's error goes to the waiter that caused it; nothing is left starting.
+        assert_eq!(p.start_failed(), Some(1));
+        assert_eq!(p.cancel(ticket), None);
+        assert_eq!(p.total(), 0);
+        assert_eq!(p.starts_needed(), 0);
+    }
+
+    #[test]
+    fn discard_restarts_for_waiters_and_min() {
+        let t0 = Instant::now();
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 1, 5));
+        assert_eq!(p.starts_needed(), 1);
+        assert_eq!(p.started(1, t0), Handoff::Idle);
+        assert_eq!(p.admit(|| 0), Admit::Run(1));
+        assert!(matches!(p.admit(|| 7), Admit::Queued { start: false, .. }));
+        p.discarded();
+        // A waiter is left with nothing to serve it: start one.
+        assert_eq!(p.starts_needed(), 1);
+        assert_eq!(p.starts_needed(), 0);
+        assert_eq!(p.started(2, t0), Handoff::ToWaiter(7, 2));
+    }
+
+    #[test]
+    fn reaping_keeps_min_and_takes_lru_first() {
+        let t0 = Instant::now();
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(3, 1, 0));
+        for i in 0..3 {
+            p.admit(|| i);
+        }
+        for i in 0..3u32 {
+            let _ = p.started(i, t0);
+        }
+        p.release(0, t0);
+        p.release(1, t0 + Duration::from_secs(5));
+        p.release(2, t0 + Duration::from_secs(6));
+        assert_eq!(p.next_expiry(t0), Some(Duration::from_secs(10)));
+        assert!(p.reap(t0 + Duration::from_secs(9)).is_empty());
+        assert_eq!(p.reap(t0 + Duration::from_secs(15)), vec![0, 1]);
+        // One expired instance is left, but it is the minimum.
+        assert!(p.reap(t0 + Duration::from_secs(100)).is_empty());
+        assert_eq!(p.total(), 1);
+    }
+
+    #[test]
+    fn draining_serves_waiters_then_stops() {
+        let t0 = Instant::now();
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 0, 5));
+        p.admit(|| 1);
+        p.admit(|| 2);
+        assert_eq!(p.started(9, t0), Handoff::ToWaiter(1, 9));
+        assert!(p.drain().is_empty());
+        assert_eq!(p.release(9, t0), Handoff::ToWaiter(2, 9));
+        assert_eq!(p.release(9, t0), Handoff::Stop(9));
+        assert_eq!(p.starts_needed(), 0);
+    }
+}
