@@ -16,14 +16,20 @@ Layout (top to bottom): constants; the HTTP/1.1 keep-alive client
 (``RuntimeAPIClient``); error helpers; context objects; logging setup;
 handler loading; the invoke loop; ``main``.
 
-Only the standard library is used, so it works in any Python 3.8+ image.
+Standard library only (no awslambdaric, no simplejson), Python 3.8+.
 
 Why a hand-written HTTP client instead of http.client: the Runtime API is a
-fixed, tiny protocol spoken to one trusted local server, and the round trips
-on it are pure overhead on every invocation. A raw socket with TCP_NODELAY
-and a minimal parser measured markedly faster than http.client (which goes
-through email.parser for every response's headers); see the numbers in
-gust's runtime notes / the PR that introduced this file.
+fixed, tiny protocol spoken to one trusted local server, and its two round
+trips are pure overhead on every invocation. http.client parses every
+response's headers through email.parser and reads through a buffered file
+object. Measured against a C mock Runtime API (16 B echo event, 2-vCPU
+Firecracker VM), the raw client sustained ~2,500-3,300 sequential
+invokes/s versus ~1,800-2,200 for http.client, and used ~75 us of user CPU
+per invoke versus ~345 us. A bare Python GET+POST ping-pong with no parsing
+at all managed ~3,300-4,700/s on the same box, so what remains is mostly
+the kernel's loopback round trips. HTTP pipelining (POST /response and GET
+/next in one write) was also tried: it was not faster and it would rely on
+the server handling pipelined requests, so it is not used.
 """
 
 import json
@@ -430,9 +436,9 @@ def _user_stack(tb):
     while i < len(frames):
         filename = frames[i].filename
         if not (
-            filename == _THIS_FILE
-            or filename.startswith("<frozen ")
+            filename.startswith("<frozen ")
             or filename.startswith(importlib_dir)
+            or os.path.abspath(filename) == _THIS_FILE
         ):
             break
         i += 1
@@ -452,14 +458,9 @@ def _error_from_fault(fault, request_id=""):
 
 
 def _error_body(error):
-    try:
-        return json.dumps(error).encode("utf-8")
-    except Exception:
-        # Only reachable with exotic messages (lone surrogates etc.).
-        return json.dumps(
-            {k: v if isinstance(v, str) else [str(x) for x in v] for k, v in error.items()},
-            ensure_ascii=True,
-        ).encode("ascii", "backslashreplace")
+    # ensure_ascii (the default, as in awslambdaric) escapes everything,
+    # lone surrogates included, so this cannot fail on odd messages.
+    return json.dumps(error).encode("ascii")
 
 
 def _error_headers(error):
@@ -912,10 +913,10 @@ def _serve(client, handler):
         _tenant_id = tenant_id
 
         # The AWS X-Ray SDK (and others) read the trace header from the env.
+        # Trace ids differ on every invoke, so set without comparing first.
         trace_id = get("lambda-runtime-trace-id")
         if trace_id:
-            if environ.get("_X_AMZN_TRACE_ID") != trace_id:
-                environ["_X_AMZN_TRACE_ID"] = trace_id
+            environ["_X_AMZN_TRACE_ID"] = trace_id
         elif "_X_AMZN_TRACE_ID" in environ:
             del environ["_X_AMZN_TRACE_ID"]
 

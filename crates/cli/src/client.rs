@@ -31,7 +31,11 @@ pub struct Reply {
 impl Reply {
     pub fn json(&self) -> anyhow::Result<Value> {
         serde_json::from_slice(&self.body).with_context(|| {
-            format!("the server answered {} with a body that is not JSON: {}", self.status, String::from_utf8_lossy(&self.body))
+            format!(
+                "the server answered {} with a body that is not JSON: {}",
+                self.status,
+                String::from_utf8_lossy(&self.body)
+            )
         })
     }
 
@@ -39,7 +43,12 @@ impl Reply {
     fn error_message(&self) -> String {
         let v: Option<Value> = serde_json::from_slice(&self.body).ok();
         v.as_ref()
-            .and_then(|v| v["error"]["message"].as_str().or(v["message"].as_str()).map(str::to_string))
+            .and_then(|v| {
+                v["error"]["message"]
+                    .as_str()
+                    .or(v["message"].as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| String::from_utf8_lossy(&self.body).into_owned())
     }
 }
@@ -64,7 +73,9 @@ impl Client {
         headers: &[(&str, &str)],
         body: impl Into<Bytes>,
     ) -> anyhow::Result<Reply> {
-        let mut req = Request::builder().method(method).uri(format!("{}{path}", self.base));
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.header("authorization", format!("Bearer {t}"));
         }
@@ -79,13 +90,33 @@ impl Client {
             )
         })?;
         let (parts, body) = resp.into_parts();
-        let body = body.collect().await.context("read the response")?.to_bytes();
-        Ok(Reply { status: parts.status, headers: parts.headers, body })
+        let body = body
+            .collect()
+            .await
+            .context("read the response")?
+            .to_bytes();
+        Ok(Reply {
+            status: parts.status,
+            headers: parts.headers,
+            body,
+        })
     }
 
     /// An admin API call that must succeed; errors carry the server's message.
-    pub async fn admin(&self, method: Method, path: &str, body: impl Into<Bytes>) -> anyhow::Result<Value> {
-        let r = self.request(method, &format!("/_gust/v1{path}"), &[("content-type", "application/json")], body).await?;
+    pub async fn admin(
+        &self,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> anyhow::Result<Value> {
+        let r = self
+            .request(
+                method,
+                &format!("/_gust/v1{path}"),
+                &[("content-type", "application/json")],
+                body,
+            )
+            .await?;
         if r.status == StatusCode::UNAUTHORIZED {
             bail!(
                 "the server refused the admin token: pass the token of the server's data dir with --data-dir / \
@@ -95,7 +126,11 @@ impl Client {
         if !r.status.is_success() {
             bail!("{} ({})", r.error_message(), r.status);
         }
-        if r.body.is_empty() { Ok(Value::Null) } else { r.json() }
+        if r.body.is_empty() {
+            Ok(Value::Null)
+        } else {
+            r.json()
+        }
     }
 }
 
@@ -137,7 +172,9 @@ pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {
     let mut tar = tar::Builder::new(gz);
     for (path, rel) in &files {
         let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-        let exec = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path)?.permissions()) & 0o111 != 0;
+        let exec = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path)?.permissions())
+            & 0o111
+            != 0;
         let mut h = tar::Header::new_gnu();
         h.set_size(data.len() as u64);
         h.set_mode(if exec { 0o755 } else { 0o644 });
@@ -145,12 +182,17 @@ pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {
         h.set_uid(0);
         h.set_gid(0);
         h.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut h, rel, data.as_slice()).with_context(|| format!("pack {}", rel.display()))?;
+        tar.append_data(&mut h, rel, data.as_slice())
+            .with_context(|| format!("pack {}", rel.display()))?;
     }
     let mut gz = tar.into_inner()?;
     gz.flush()?;
     let bytes = gz.finish()?;
-    Ok(Bundle { sha256: hex::encode(Sha256::digest(&bytes)), bytes, files: files.len() })
+    Ok(Bundle {
+        sha256: hex::encode(Sha256::digest(&bytes)),
+        bytes,
+        files: files.len(),
+    })
 }
 
 /// Checks what can be checked before uploading: the code dir exists, and the handler file (or
@@ -158,22 +200,41 @@ pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {
 fn check_code(dir: &Path, f: &gust_manifest::ManifestFunction) -> anyhow::Result<()> {
     let name = &f.spec.name;
     if !dir.is_dir() {
-        bail!("function {name}: code directory {} does not exist (set code = \"DIR\" in gust.toml)", dir.display());
+        bail!(
+            "function {name}: code directory {} does not exist (set code = \"DIR\" in gust.toml)",
+            dir.display()
+        );
     }
     match f.spec.runtime {
         Runtime::Provided => {
             let b = dir.join("bootstrap");
             let meta = std::fs::metadata(&b).with_context(|| {
-                format!("function {name}: runtime \"provided\" needs an executable file {}", b.display())
+                format!(
+                    "function {name}: runtime \"provided\" needs an executable file {}",
+                    b.display()
+                )
             })?;
             if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 {
-                bail!("function {name}: {} is not executable: run chmod +x on it", b.display());
+                bail!(
+                    "function {name}: {} is not executable: run chmod +x on it",
+                    b.display()
+                );
             }
         }
         Runtime::Nodejs | Runtime::Python => {
-            let module = f.spec.handler.rsplit_once('.').map(|(m, _)| m).unwrap_or(&f.spec.handler);
+            let module = f
+                .spec
+                .handler
+                .rsplit_once('.')
+                .map(|(m, _)| m)
+                .unwrap_or(&f.spec.handler);
             let candidates: Vec<String> = if f.spec.runtime == Runtime::Nodejs {
-                vec![format!("{module}.js"), format!("{module}.mjs"), format!("{module}.cjs"), format!("{module}/index.js")]
+                vec![
+                    format!("{module}.js"),
+                    format!("{module}.mjs"),
+                    format!("{module}.cjs"),
+                    format!("{module}/index.js"),
+                ]
             } else {
                 let m = module.replace('.', "/");
                 vec![format!("{m}.py"), format!("{m}/__init__.py")]
@@ -192,10 +253,17 @@ fn check_code(dir: &Path, f: &gust_manifest::ManifestFunction) -> anyhow::Result
 }
 
 /// Deploys the service in `dir` (its gust.toml), printing progress through `progress`.
-pub async fn deploy(client: &Client, dir: &Path, mut progress: impl FnMut(&str)) -> anyhow::Result<Value> {
+pub async fn deploy(
+    client: &Client,
+    dir: &Path,
+    mut progress: impl FnMut(&str),
+) -> anyhow::Result<Value> {
     let manifest_path = dir.join("gust.toml");
     let text = std::fs::read_to_string(&manifest_path).with_context(|| {
-        format!("no manifest at {}: create one with `gust init NAME`, or pass the service directory", manifest_path.display())
+        format!(
+            "no manifest at {}: create one with `gust init NAME`, or pass the service directory",
+            manifest_path.display()
+        )
     })?;
     let shown = manifest_path.display().to_string();
     let manifest = gust_manifest::parse(&shown, &text)?;
@@ -220,30 +288,63 @@ pub async fn deploy(client: &Client, dir: &Path, mut progress: impl FnMut(&str))
     }
     for b in bundles.values() {
         let path = format!("/_gust/v1/blobs/{}", b.sha256);
-        let have = client.request(Method::GET, &path, &[], Bytes::new()).await?;
+        let have = client
+            .request(Method::GET, &path, &[], Bytes::new())
+            .await?;
         if have.status == StatusCode::UNAUTHORIZED {
-            bail!("the server refused the admin token: use --data-dir / GUST_DATA_DIR or GUST_TOKEN");
+            bail!(
+                "the server refused the admin token: use --data-dir / GUST_DATA_DIR or GUST_TOKEN"
+            );
         }
         if have.status == StatusCode::OK {
-            progress(&format!("uploading {}: already on the server", &b.sha256[..12]));
+            progress(&format!(
+                "uploading {}: already on the server",
+                &b.sha256[..12]
+            ));
             continue;
         }
-        progress(&format!("uploading {} ({:.1} KB)", &b.sha256[..12], b.bytes.len() as f64 / 1024.0));
+        progress(&format!(
+            "uploading {} ({:.1} KB)",
+            &b.sha256[..12],
+            b.bytes.len() as f64 / 1024.0
+        ));
         let r = client
-            .request(Method::PUT, &path, &[("content-type", "application/gzip")], Bytes::from(b.bytes.clone()))
+            .request(
+                Method::PUT,
+                &path,
+                &[("content-type", "application/gzip")],
+                Bytes::from(b.bytes.clone()),
+            )
             .await?;
         if !r.status.is_success() {
             bail!("upload failed: {} ({})", r.error_message(), r.status);
         }
     }
-    let min: u32 = manifest.functions.iter().map(|f| f.spec.scaling.min_instances).sum();
+    let min: u32 = manifest
+        .functions
+        .iter()
+        .map(|f| f.spec.scaling.min_instances)
+        .sum();
     progress(&format!(
         "deploying service {} ({} function{}{})",
         manifest.service,
         manifest.functions.len(),
-        if manifest.functions.len() == 1 { "" } else { "s" },
-        if min > 0 { format!(", starting {min} min instance{}", if min == 1 { "" } else { "s" }) } else { String::new() }
+        if manifest.functions.len() == 1 {
+            ""
+        } else {
+            "s"
+        },
+        if min > 0 {
+            format!(
+                ", starting {min} min instance{}",
+                if min == 1 { "" } else { "s" }
+            )
+        } else {
+            String::new()
+        }
     ));
     let body = serde_json::json!({ "manifest": text, "file": shown, "code": code });
-    client.admin(Method::POST, "/services", body.to_string()).await
+    client
+        .admin(Method::POST, "/services", body.to_string())
+        .await
 }

@@ -15,10 +15,19 @@ use http::Method;
 use serde_json::Value;
 
 #[derive(Parser)]
-#[command(name = "gust", version, about = "Lambda on your own machines: one binary that runs functions in warm, isolated instances")]
+#[command(
+    name = "gust",
+    version,
+    about = "Lambda on your own machines: one binary that runs functions in warm, isolated instances"
+)]
 struct Cli {
     /// The gust server the client commands talk to.
-    #[arg(long, global = true, env = "GUST_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "GUST_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     server: String,
     /// The data dir: where `serve` keeps its state, and where client commands find the admin token.
     #[arg(long, global = true, env = "GUST_DATA_DIR", default_value = ".gust")]
@@ -99,7 +108,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     if let Err(e) = rt.block_on(run(cli)) {
         eprintln!("error: {e}");
         for cause in e.chain().skip(1) {
@@ -110,13 +122,19 @@ fn main() {
 }
 
 fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn token(cli: &Cli) -> Option<String> {
     cli.token.clone().or_else(|| {
-        std::fs::read_to_string(cli.data_dir.join("admin-token")).ok().map(|t| t.trim().to_string())
+        std::fs::read_to_string(cli.data_dir.join("admin-token"))
+            .ok()
+            .map(|t| t.trim().to_string())
     })
 }
 
@@ -135,7 +153,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let server = start_server(&cli, args).await?;
             eprintln!("gust is listening on {}", server.url());
             wait_for_signal().await;
-            eprintln!("shutting down: finishing in-flight invocations (up to {} s)", args.shutdown_grace);
+            eprintln!(
+                "shutting down: finishing in-flight invocations (up to {} s)",
+                args.shutdown_grace
+            );
             server.stop().await;
             Ok(())
         }
@@ -146,7 +167,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let report = client::deploy(&c, dir, |m| eprintln!("{m}")).await;
             match report {
                 Ok(r) => print_deploy(&cli, &r, true),
-                Err(e) => eprintln!("error: deploy failed: {e:#}\n(the server keeps running; fix the manifest and run `gust deploy {}`)", dir.display()),
+                Err(e) => eprintln!(
+                    "error: deploy failed: {e:#}\n(the server keeps running; fix the manifest and run `gust deploy {}`)",
+                    dir.display()
+                ),
             }
             eprintln!("gust dev is serving on {} — ctrl-c to stop", server.url());
             wait_for_signal().await;
@@ -167,7 +191,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Invoke { name, data, log } => invoke(&cli, name, data.as_deref(), *log).await,
         Command::Ls => {
-            let v = client(&cli).admin(Method::GET, "/functions", Bytes::new()).await?;
+            let v = client(&cli)
+                .admin(Method::GET, "/functions", Bytes::new())
+                .await?;
             if cli.json {
                 print_json(&v);
                 return Ok(());
@@ -177,7 +203,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("no functions deployed (deploy one with `gust deploy DIR`)");
                 return Ok(());
             }
-            println!("{:<24} {:<16} {:<9} {:>4} {:>5} {:>5}  URL", "NAME", "SERVICE", "RUNTIME", "REV", "IDLE", "BUSY");
+            println!(
+                "{:<24} {:<16} {:<9} {:>4} {:>5} {:>5}  URL",
+                "NAME", "SERVICE", "RUNTIME", "REV", "IDLE", "BUSY"
+            );
             for f in fs {
                 println!(
                     "{:<24} {:<16} {:<9} {:>4} {:>5} {:>5}  {}",
@@ -193,45 +222,84 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Describe { name } => {
-            let v = client(&cli).admin(Method::GET, &format!("/functions/{name}"), Bytes::new()).await?;
+            let v = client(&cli)
+                .admin(Method::GET, &format!("/functions/{name}"), Bytes::new())
+                .await?;
             if cli.json {
                 print_json(&v);
                 return Ok(());
             }
-            let timeout = v["timeout"].as_u64().map(|t| format!("{t} s")).unwrap_or_else(|| "3 s (default)".into());
+            let timeout = v["timeout"]
+                .as_u64()
+                .map(|t| format!("{t} s"))
+                .unwrap_or_else(|| "3 s (default)".into());
             println!("name:        {}", v["name"].as_str().unwrap_or(""));
             println!("service:     {}", v["service"].as_str().unwrap_or(""));
             println!("runtime:     {}", v["runtime"].as_str().unwrap_or(""));
             println!("handler:     {}", v["handler"].as_str().unwrap_or(""));
             println!("memory:      {} MB", v["memory"]);
             println!("timeout:     {timeout}");
-            println!("revision:    {} (deployed {})", v["revision"], v["deployed_at"].as_str().unwrap_or(""));
-            println!("code:        sha256:{}", v["code_sha256"].as_str().unwrap_or(""));
+            println!(
+                "revision:    {} (deployed {})",
+                v["revision"],
+                v["deployed_at"].as_str().unwrap_or("")
+            );
+            println!(
+                "code:        sha256:{}",
+                v["code_sha256"].as_str().unwrap_or("")
+            );
             println!("url:         {}", v["url"].as_str().unwrap_or(""));
             let s = &v["scaling"];
             println!(
                 "scaling:     max {} / min {} instances, idle timeout {} s, queue {} for {} s",
-                s["max_instances"], s["min_instances"], s["idle_timeout"], s["queue_length"], s["queue_timeout"]
+                s["max_instances"],
+                s["min_instances"],
+                s["idle_timeout"],
+                s["queue_length"],
+                s["queue_timeout"]
             );
             for r in v["routes"].as_array().into_iter().flatten() {
-                println!("route:       {} {}", r["method"].as_str().unwrap_or(""), r["path"].as_str().unwrap_or(""));
+                println!(
+                    "route:       {} {}",
+                    r["method"].as_str().unwrap_or(""),
+                    r["path"].as_str().unwrap_or("")
+                );
             }
             let i = &v["instances"];
             println!(
                 "instances:   {} idle, {} busy, {} starting, {} waiting; {} invocations, {} cold starts, {} throttled",
-                i["idle"], i["busy"], i["starting"], i["waiting"], i["invocations"], i["cold_starts"], i["throttles"]
+                i["idle"],
+                i["busy"],
+                i["starting"],
+                i["waiting"],
+                i["invocations"],
+                i["cold_starts"],
+                i["throttles"]
             );
             Ok(())
         }
-        Command::Logs { name, follow, lines } => {
+        Command::Logs {
+            name,
+            follow,
+            lines,
+        } => {
             let c = client(&cli);
-            let mut v = c.admin(Method::GET, &format!("/functions/{name}/logs?limit={lines}"), Bytes::new()).await?;
+            let mut v = c
+                .admin(
+                    Method::GET,
+                    &format!("/functions/{name}/logs?limit={lines}"),
+                    Bytes::new(),
+                )
+                .await?;
             loop {
                 for l in v["logs"].as_array().into_iter().flatten() {
                     if cli.json {
                         println!("{l}");
                     } else {
-                        let rid = l["request_id"].as_str().map(|r| &r[..r.len().min(8)]).unwrap_or("-");
+                        let rid = l["request_id"]
+                            .as_str()
+                            .map(|r| &r[..r.len().min(8)])
+                            .unwrap_or("-");
                         println!(
                             "{} {:<8} {:<8} {}",
                             gust_core::time::iso8601_ms(l["ts_ms"].as_u64().unwrap_or(0)),
@@ -244,22 +312,49 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 if !follow {
                     return Ok(());
                 }
-                let after = v["next"].as_i64().map(|n| format!("&after={n}")).unwrap_or_default();
-                v = c.admin(Method::GET, &format!("/functions/{name}/logs?wait=25&limit=1000{after}"), Bytes::new()).await?;
+                let after = v["next"]
+                    .as_i64()
+                    .map(|n| format!("&after={n}"))
+                    .unwrap_or_default();
+                v = c
+                    .admin(
+                        Method::GET,
+                        &format!("/functions/{name}/logs?wait=25&limit=1000{after}"),
+                        Bytes::new(),
+                    )
+                    .await?;
             }
         }
         Command::Rm { name, service } => {
             let c = client(&cli);
             let v = match (name, service) {
-                (Some(n), None) => c.admin(Method::DELETE, &format!("/functions/{n}"), Bytes::new()).await?,
-                (None, Some(s)) => c.admin(Method::DELETE, &format!("/services/{s}"), Bytes::new()).await?,
+                (Some(n), None) => {
+                    c.admin(Method::DELETE, &format!("/functions/{n}"), Bytes::new())
+                        .await?
+                }
+                (None, Some(s)) => {
+                    c.admin(Method::DELETE, &format!("/services/{s}"), Bytes::new())
+                        .await?
+                }
                 _ => bail!("say what to remove: `gust rm NAME` or `gust rm --service SERVICE`"),
             };
             if cli.json {
                 print_json(&v);
             } else {
-                let names: Vec<&str> = v["removed"].as_array().into_iter().flatten().filter_map(|n| n.as_str()).collect();
-                println!("removed {}", if names.is_empty() { "nothing".to_string() } else { names.join(", ") });
+                let names: Vec<&str> = v["removed"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|n| n.as_str())
+                    .collect();
+                println!(
+                    "removed {}",
+                    if names.is_empty() {
+                        "nothing".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                );
             }
             Ok(())
         }
@@ -281,13 +376,18 @@ async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Ser
         );
     }
     if server.functions_restored > 0 {
-        eprintln!("restored {} function(s) from {}", server.functions_restored, server.data_dir.display());
+        eprintln!(
+            "restored {} function(s) from {}",
+            server.functions_restored,
+            server.data_dir.display()
+        );
     }
     Ok(server)
 }
 
 async fn wait_for_signal() {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .expect("SIGTERM handler");
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
@@ -303,11 +403,23 @@ fn print_deploy(cli: &Cli, r: &Value, curl: bool) {
     println!("deployed service {service}:");
     for f in r["functions"].as_array().into_iter().flatten() {
         let url = f["url"].as_str().unwrap_or("");
-        println!("  {:<20} rev {:<3} {}", f["name"].as_str().unwrap_or(""), f["revision"], url);
+        println!(
+            "  {:<20} rev {:<3} {}",
+            f["name"].as_str().unwrap_or(""),
+            f["revision"],
+            url
+        );
         for route in f["routes"].as_array().into_iter().flatten() {
-            println!("  {:<20}         route {}", "", route.as_str().unwrap_or(""));
+            println!(
+                "  {:<20}         route {}",
+                "",
+                route.as_str().unwrap_or("")
+            );
         }
-        let (min, started) = (f["min_instances"].as_u64().unwrap_or(0), f["min_instances_started"].as_u64().unwrap_or(0));
+        let (min, started) = (
+            f["min_instances"].as_u64().unwrap_or(0),
+            f["min_instances_started"].as_u64().unwrap_or(0),
+        );
         if min > 0 {
             println!("  {:<20}         {started}/{min} min instances started", "");
         }
@@ -323,21 +435,34 @@ fn print_deploy(cli: &Cli, r: &Value, curl: bool) {
 async fn invoke(cli: &Cli, name: &str, data: Option<&str>, log: bool) -> anyhow::Result<()> {
     let payload = match data {
         None => Bytes::from_static(b"{}"),
-        Some(d) if d.starts_with('@') => {
-            Bytes::from(std::fs::read(&d[1..]).with_context(|| format!("read the payload file {}", &d[1..]))?)
-        }
+        Some(d) if d.starts_with('@') => Bytes::from(
+            std::fs::read(&d[1..]).with_context(|| format!("read the payload file {}", &d[1..]))?,
+        ),
         Some(d) => Bytes::from(d.to_string()),
     };
     if serde_json::from_slice::<Value>(&payload).is_err() {
-        bail!("the payload is not JSON: pass --data '{{\"key\": \"value\"}}' or --data @event.json");
+        bail!(
+            "the payload is not JSON: pass --data '{{\"key\": \"value\"}}' or --data @event.json"
+        );
     }
     let c = client(cli);
     let mut headers = vec![("content-type", "application/json")];
     if log {
         headers.push(("x-amz-log-type", "Tail"));
     }
-    let r = c.request(Method::POST, &format!("/2015-03-31/functions/{name}/invocations"), &headers, payload).await?;
-    let function_error = r.headers.get("x-amz-function-error").and_then(|v| v.to_str().ok()).map(str::to_string);
+    let r = c
+        .request(
+            Method::POST,
+            &format!("/2015-03-31/functions/{name}/invocations"),
+            &headers,
+            payload,
+        )
+        .await?;
+    let function_error = r
+        .headers
+        .get("x-amz-function-error")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let log_text = r
         .headers
         .get("x-amz-log-result")
@@ -346,8 +471,15 @@ async fn invoke(cli: &Cli, name: &str, data: Option<&str>, log: bool) -> anyhow:
         .map(|b| String::from_utf8_lossy(&b).into_owned());
     if !r.status.is_success() {
         let v: Value = serde_json::from_slice(&r.body).unwrap_or(Value::Null);
-        let msg = v["message"].as_str().map(str::to_string).unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
-        let kind = r.headers.get("x-amzn-errortype").and_then(|v| v.to_str().ok()).unwrap_or("error");
+        let msg = v["message"]
+            .as_str()
+            .map(str::to_string)
+            .unwrap_or_else(|| String::from_utf8_lossy(&r.body).into_owned());
+        let kind = r
+            .headers
+            .get("x-amzn-errortype")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("error");
         bail!("{kind}: {msg} ({})", r.status);
     }
     if cli.json {

@@ -9,7 +9,10 @@ pub fn init(dir: &Path, name: &str, runtime: &str) -> anyhow::Result<Vec<String>
         bail!("{name:?} is not a valid name: use 1-64 letters, digits, '-' or '_'");
     }
     if dir.exists() {
-        bail!("{} already exists: choose another name or remove it", dir.display());
+        bail!(
+            "{} already exists: choose another name or remove it",
+            dir.display()
+        );
     }
     let (handler, file, code) = match runtime {
         "nodejs" => ("index.handler", "index.js", NODE),

@@ -46,7 +46,10 @@ impl Server {
         let _ = self.shutdown.send(());
         let mut http = self.http;
         if tokio::time::timeout(self.grace, &mut http).await.is_err() {
-            tracing::warn!("in-flight requests did not finish within {:?}; stopping anyway", self.grace);
+            tracing::warn!(
+                "in-flight requests did not finish within {:?}; stopping anyway",
+                self.grace
+            );
             http.abort();
         }
         self.pools.shutdown(Duration::from_secs(1)).await;
@@ -57,7 +60,8 @@ impl Server {
 
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     let store = Arc::new(
-        Store::open(&cfg.data_dir).with_context(|| format!("open the data dir {}", cfg.data_dir.display()))?,
+        Store::open(&cfg.data_dir)
+            .with_context(|| format!("open the data dir {}", cfg.data_dir.display()))?,
     );
     let (token, token_created) = store.admin_token().context("load the admin token")?;
     let runtimes = gust_executor::install_runtimes(&cfg.data_dir.join("runtimes"))
@@ -68,9 +72,17 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     let platform = Platform::new(store, pools.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
-        .with_context(|| format!("listen on {} (is another gust running? use --listen)", cfg.listen))?;
+        .with_context(|| {
+            format!(
+                "listen on {} (is another gust running? use --listen)",
+                cfg.listen
+            )
+        })?;
     let addr = listener.local_addr()?;
-    let functions_restored = platform.restore().await.map_err(|e| anyhow::anyhow!("restore functions: {e:?}"))?;
+    let functions_restored = platform
+        .restore()
+        .await
+        .map_err(|e| anyhow::anyhow!("restore functions: {e:?}"))?;
     let app = Arc::new(App {
         platform,
         invoker: pools.clone(),
@@ -81,11 +93,14 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     let router = gust_gateway::router(app);
     let (tx, rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move {
-        axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async {
+            let _ = rx.await;
+        })
+        .await
     });
     Ok(Server {
         addr,

@@ -44,7 +44,9 @@ pub fn normalise_error_type(t: &str) -> &str {
             && chars.clone().next().is_some()
             && chars.all(|c| c.is_ascii_alphabetic())
     }
-    if let Some(rest) = t.strip_prefix("Runtime.").or_else(|| t.strip_prefix("Function."))
+    if let Some(rest) = t
+        .strip_prefix("Runtime.")
+        .or_else(|| t.strip_prefix("Function."))
         && well_formed(rest)
     {
         return t;
@@ -62,8 +64,14 @@ mod tests {
 
     #[test]
     fn error_types_normalise_like_lambda() {
-        assert_eq!(normalise_error_type("Runtime.HandlerNotFound"), "Runtime.HandlerNotFound");
-        assert_eq!(normalise_error_type("Function.ResponseSizeTooLarge"), "Function.ResponseSizeTooLarge");
+        assert_eq!(
+            normalise_error_type("Runtime.HandlerNotFound"),
+            "Runtime.HandlerNotFound"
+        );
+        assert_eq!(
+            normalise_error_type("Function.ResponseSizeTooLarge"),
+            "Function.ResponseSizeTooLarge"
+        );
         assert_eq!(normalise_error_type("Function.x"), "Function.Unknown");
         assert_eq!(normalise_error_type("KeyError"), "Runtime.Unknown");
         assert_eq!(normalise_error_type("Runtime.A"), "Runtime.Unknown");
@@ -74,7 +82,10 @@ mod tests {
         let body = timeout_body("abc", 1.0);
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         let msg = v["errorMessage"].as_str().unwrap();
-        assert!(msg.ends_with("abc Task timed out after 1.00 seconds"), "{msg}");
+        assert!(
+            msg.ends_with("abc Task timed out after 1.00 seconds"),
+            "{msg}"
+        );
         assert_eq!(v["errorType"], "Sandbox.Timedout");
     }
 }

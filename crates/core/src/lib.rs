@@ -143,7 +143,10 @@ pub struct InvokeResult {
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
     /// The function returned: its response bytes.
-    Response { body: Bytes, content_type: Option<String> },
+    Response {
+        body: Bytes,
+        content_type: Option<String>,
+    },
     /// The function failed (error, timeout, crash, init failure): the Lambda error JSON.
     FunctionError { error_type: String, body: Bytes },
 }
@@ -167,7 +170,10 @@ pub enum InvokeError {
     #[error("Function not found: {0}")]
     NotFound(String),
     #[error("{message}")]
-    Throttled { message: String, retry_after_secs: u64 },
+    Throttled {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("request payload of {0} bytes exceeds the limit of {MAX_PAYLOAD} bytes")]
     PayloadTooLarge(usize),
     #[error("the server is shutting down")]
@@ -216,11 +222,17 @@ pub struct InstanceRequest {
 /// How an instance ended an invocation. Anything but `Done` leaves the instance dead.
 #[derive(Debug)]
 pub enum InstanceOutcome {
-    Done { outcome: Outcome, log_tail: Option<String> },
+    Done {
+        outcome: Outcome,
+        log_tail: Option<String>,
+    },
     /// The function did not answer in time; the instance was killed.
     TimedOut { log_tail: Option<String> },
     /// The runtime process exited during the invocation.
-    Crashed { detail: String, log_tail: Option<String> },
+    Crashed {
+        detail: String,
+        log_tail: Option<String>,
+    },
 }
 
 /// A running instance: serves one invocation at a time (the pool guarantees it).
@@ -261,7 +273,10 @@ impl InitError {
 /// Creates instances of a function: the process executor today, a wasm executor later.
 pub trait Executor: Send + Sync {
     /// Start an instance and resolve when its runtime is ready for the first invocation.
-    fn start(&self, function: Arc<FunctionVersion>) -> BoxFuture<'_, Result<Arc<dyn Instance>, InitError>>;
+    fn start(
+        &self,
+        function: Arc<FunctionVersion>,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, InitError>>;
 }
 
 /// One line of a function's log.

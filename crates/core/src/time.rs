@@ -28,19 +28,31 @@ fn parts(epoch_ms: u64) -> Parts {
     let secs = epoch_ms / 1000;
     let (y, mo, d) = civil((secs / 86_400) as i64);
     let sod = secs % 86_400;
-    Parts { y, mo, d, h: sod / 3600, mi: sod % 3600 / 60, s: sod % 60, ms: epoch_ms % 1000 }
+    Parts {
+        y,
+        mo,
+        d,
+        h: sod / 3600,
+        mi: sod % 3600 / 60,
+        s: sod % 60,
+        ms: epoch_ms % 1000,
+    }
 }
 
 /// `2026-11-22T15:51:08.123Z`
 pub fn iso8601_ms(epoch_ms: u64) -> String {
     let p = parts(epoch_ms);
-    format!("{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z", p.y, p.mo, p.d, p.h, p.mi, p.s, p.ms)
+    format!(
+        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z",
+        p.y, p.mo, p.d, p.h, p.mi, p.s, p.ms
+    )
 }
 
 /// `22/Nov/2026:15:51:08 +0000`, API Gateway's `requestContext.time`.
 pub fn clf(epoch_ms: u64) -> String {
-    const MONTHS: [&str; 12] =
-        ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"];
+    const MONTHS: [&str; 12] = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
     let p = parts(epoch_ms);
     format!(
         "{:02}/{}/{:04}:{:02}:{:02}:{:02} +0000",

@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use gust_core::{
-    BoxFuture, Executor, FunctionVersion, INIT_TIMEOUT, InitError, Instance, InstanceOutcome, InstanceRequest, LATEST,
-    LogSink, Outcome, Runtime, now_ms,
+    BoxFuture, Executor, FunctionVersion, INIT_TIMEOUT, InitError, Instance, InstanceOutcome,
+    InstanceRequest, LATEST, LogSink, Outcome, Runtime, now_ms,
 };
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -47,8 +47,12 @@ pub fn install_runtimes(dir: &Path) -> std::io::Result<RuntimePaths> {
     Ok(RuntimePaths {
         node_bootstrap: write("node/bootstrap.js", NODE_BOOTSTRAP)?,
         python_bootstrap: write("python/bootstrap.py", PYTHON_BOOTSTRAP)?,
-        node: std::env::var_os("GUST_NODE").map(PathBuf::from).unwrap_or_else(|| "node".into()),
-        python: std::env::var_os("GUST_PYTHON").map(PathBuf::from).unwrap_or_else(|| "python3".into()),
+        node: std::env::var_os("GUST_NODE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "node".into()),
+        python: std::env::var_os("GUST_PYTHON")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| "python3".into()),
     })
 }
 
@@ -72,7 +76,12 @@ pub struct ProcessExecutor {
 impl ProcessExecutor {
     pub fn new(runtimes: RuntimePaths, sink: Arc<dyn LogSink>) -> ProcessExecutor {
         let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
-        ProcessExecutor { runtimes, sink, path, next_id: AtomicU64::new(1) }
+        ProcessExecutor {
+            runtimes,
+            sink,
+            path,
+            next_id: AtomicU64::new(1),
+        }
     }
 
     fn command(&self, f: &FunctionVersion) -> Result<tokio::process::Command, InitError> {
@@ -101,7 +110,10 @@ impl ProcessExecutor {
                 if std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o111 == 0 {
                     return Err(InitError::new(
                         "Runtime.InvalidEntrypoint",
-                        format!("function {}: bootstrap is not executable (chmod +x bootstrap)", f.spec.name),
+                        format!(
+                            "function {}: bootstrap is not executable (chmod +x bootstrap)",
+                            f.spec.name
+                        ),
                     ));
                 }
                 tokio::process::Command::new(bootstrap)
@@ -120,18 +132,37 @@ impl ProcessExecutor {
             ("AWS_LAMBDA_RUNTIME_API".into(), api.into()),
             ("_HANDLER".into(), s.handler.clone()),
             ("LAMBDA_TASK_ROOT".into(), f.code_dir.display().to_string()),
-            ("LAMBDA_RUNTIME_DIR".into(), self.runtimes.node_bootstrap.parent().map(|p| p.display().to_string()).unwrap_or_default()),
+            (
+                "LAMBDA_RUNTIME_DIR".into(),
+                self.runtimes
+                    .node_bootstrap
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+            ),
             ("AWS_LAMBDA_FUNCTION_NAME".into(), s.name.clone()),
-            ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(), s.memory_mb.to_string()),
+            (
+                "AWS_LAMBDA_FUNCTION_MEMORY_SIZE".into(),
+                s.memory_mb.to_string(),
+            ),
             ("AWS_LAMBDA_FUNCTION_VERSION".into(), LATEST.into()),
             ("AWS_LAMBDA_INITIALIZATION_TYPE".into(), "on-demand".into()),
-            ("AWS_LAMBDA_LOG_GROUP_NAME".into(), format!("/aws/lambda/{}", s.name)),
+            (
+                "AWS_LAMBDA_LOG_GROUP_NAME".into(),
+                format!("/aws/lambda/{}", s.name),
+            ),
             (
                 "AWS_LAMBDA_LOG_STREAM_NAME".into(),
-                format!("{}/[{LATEST}]{instance}", gust_core::time::ymd_slash(now_ms())),
+                format!(
+                    "{}/[{LATEST}]{instance}",
+                    gust_core::time::ymd_slash(now_ms())
+                ),
             ),
             ("AWS_REGION".into(), gust_core::lambda::REGION.into()),
-            ("AWS_DEFAULT_REGION".into(), gust_core::lambda::REGION.into()),
+            (
+                "AWS_DEFAULT_REGION".into(),
+                gust_core::lambda::REGION.into(),
+            ),
         ];
         if let Some(e) = s.runtime.execution_env() {
             env.push(("AWS_EXECUTION_ENV".into(), e.into()));
@@ -140,10 +171,16 @@ impl ProcessExecutor {
         env
     }
 
-    async fn start_instance(&self, f: Arc<FunctionVersion>) -> Result<Arc<dyn Instance>, InitError> {
+    async fn start_instance(
+        &self,
+        f: Arc<FunctionVersion>,
+    ) -> Result<Arc<dyn Instance>, InitError> {
         let started = Instant::now();
         let platform = |m: String| InitError::new("Runtime.Unknown", m);
-        let id = format!("{:016x}", self.next_id.fetch_add(1, Ordering::Relaxed) ^ (now_ms() << 20));
+        let id = format!(
+            "{:016x}",
+            self.next_id.fetch_add(1, Ordering::Relaxed) ^ (now_ms() << 20)
+        );
         let mut cmd = self.command(&f)?;
         let listener = TcpListener::bind(("127.0.0.1", 0))
             .await
@@ -243,7 +280,10 @@ impl ProcessExecutor {
         };
         match result {
             Ok(()) => {
-                *instance.init_duration.lock().unwrap_or_else(|p| p.into_inner()) = Some(started.elapsed());
+                *instance
+                    .init_duration
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(started.elapsed());
                 Ok(instance)
             }
             Err(e) => {
@@ -286,7 +326,10 @@ fn signal_name(sig: i32) -> &'static str {
 }
 
 impl Executor for ProcessExecutor {
-    fn start(&self, function: Arc<FunctionVersion>) -> BoxFuture<'_, Result<Arc<dyn Instance>, InitError>> {
+    fn start(
+        &self,
+        function: Arc<FunctionVersion>,
+    ) -> BoxFuture<'_, Result<Arc<dyn Instance>, InitError>> {
         Box::pin(self.start_instance(function))
     }
 }
@@ -322,7 +365,8 @@ impl ProcessInstance {
     }
 
     fn max_memory_mb(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid)).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmHWM:"))
@@ -332,7 +376,11 @@ impl ProcessInstance {
     }
 
     fn report(&self, request_id: &str, elapsed: Duration) {
-        let init = self.init_duration.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let init = self
+            .init_duration
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let mut line = format!(
             "REPORT RequestId: {request_id}\tDuration: {:.2} ms\tBilled Duration: {} ms\tMemory Size: {} MB\tMax Memory Used: {} MB\t",
             ms(elapsed),
@@ -352,9 +400,16 @@ impl ProcessInstance {
         let deadline_ms = now_ms() + req.timeout.as_millis() as u64;
         let inv = req.invocation;
         self.capture.begin(&id, inv.tail_log);
-        self.capture.platform(Some(&id), format!("START RequestId: {id} Version: {LATEST}"));
+        self.capture.platform(
+            Some(&id),
+            format!("START RequestId: {id} Version: {LATEST}"),
+        );
         let started = Instant::now();
-        let sender = self.dispatch.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let sender = self
+            .dispatch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         let sent = sender.is_some_and(|s| {
             s.try_send(Dispatch {
                 request_id: id.clone(),
@@ -368,8 +423,12 @@ impl ProcessInstance {
             .is_ok()
         });
         if !sent {
-            self.capture.platform(Some(&id), format!("END RequestId: {id}"));
-            return InstanceOutcome::Crashed { detail: "instance is stopping".into(), log_tail: self.capture.end() };
+            self.capture
+                .platform(Some(&id), format!("END RequestId: {id}"));
+            return InstanceOutcome::Crashed {
+                detail: "instance is stopping".into(),
+                log_tail: self.capture.end(),
+            };
         }
         let mut exited = self.exited.clone();
         tokio::select! {
@@ -431,7 +490,10 @@ impl Instance for ProcessInstance {
         Box::pin(async move {
             // Closing the dispatch channel answers a pending /next with 500, which built-in
             // runtimes take as the signal to exit; SIGTERM covers the rest.
-            self.dispatch.lock().unwrap_or_else(|p| p.into_inner()).take();
+            self.dispatch
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
             self.signal_group(libc::SIGTERM);
             let mut exited = self.exited.clone();
             let _ = tokio::time::timeout(SHUTDOWN_GRACE, wait_exit(&mut exited)).await;
@@ -441,7 +503,10 @@ impl Instance for ProcessInstance {
 
     fn kill(&self) {
         self.killed.store(true, Ordering::Relaxed);
-        self.dispatch.lock().unwrap_or_else(|p| p.into_inner()).take();
+        self.dispatch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         self.signal_group(libc::SIGKILL);
         self.server.abort();
     }

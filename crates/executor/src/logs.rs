@@ -47,7 +47,14 @@ impl Capture {
         function: String,
         instance: String,
     ) -> Arc<Capture> {
-        Arc::new(Capture { out, err, inner: Mutex::new(Inner::default()), sink, function, instance })
+        Arc::new(Capture {
+            out,
+            err,
+            inner: Mutex::new(Inner::default()),
+            sink,
+            function,
+            instance,
+        })
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {

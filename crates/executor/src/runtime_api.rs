@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use gust_core::{InitError, MAX_PAYLOAD, Outcome};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
@@ -54,7 +54,10 @@ type Resp = Response<Full<Bytes>>;
 fn json(status: StatusCode, body: impl Into<Bytes>) -> Resp {
     let mut r = Response::new(Full::new(body.into()));
     *r.status_mut() = status;
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -63,7 +66,10 @@ fn api_error(status: StatusCode, error_type: &str, message: &str) -> Resp {
 }
 
 fn accepted() -> Resp {
-    json(StatusCode::ACCEPTED, Bytes::from_static(br#"{"status":"OK"}"#))
+    json(
+        StatusCode::ACCEPTED,
+        Bytes::from_static(br#"{"status":"OK"}"#),
+    )
 }
 
 impl RuntimeApi {
@@ -72,8 +78,18 @@ impl RuntimeApi {
         ready: oneshot::Sender<Result<(), InitError>>,
     ) -> (Arc<RuntimeApi>, mpsc::Sender<Dispatch>) {
         let (tx, rx) = mpsc::channel(1);
-        let state = State { ready: Some(ready), ..State::default() };
-        (Arc::new(RuntimeApi { arn, state: Mutex::new(state), next: tokio::sync::Mutex::new(rx) }), tx)
+        let state = State {
+            ready: Some(ready),
+            ..State::default()
+        };
+        (
+            Arc::new(RuntimeApi {
+                arn,
+                state: Mutex::new(state),
+                next: tokio::sync::Mutex::new(rx),
+            }),
+            tx,
+        )
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -99,7 +115,9 @@ impl RuntimeApi {
     /// Accepts runtime connections until the task is aborted (when the instance stops).
     pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             let _ = stream.set_nodelay(true);
             let api = self.clone();
             tokio::spawn(async move {
@@ -118,12 +136,16 @@ impl RuntimeApi {
     async fn handle(&self, req: Request<Incoming>) -> Resp {
         let path = req.uri().path();
         let Some(rest) = path.strip_prefix("/2018-06-01/") else {
-            return api_error(StatusCode::NOT_FOUND, "NotFound", &format!("no such Runtime API path: {path}"));
+            return api_error(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no such Runtime API path: {path}"),
+            );
         };
         match (req.method(), rest) {
             (&Method::GET, "runtime/invocation/next") => self.next().await,
             (&Method::POST, "runtime/init/error") => self.init_error(req).await,
-            (&Method::POST, "gust/config") => self.gust_config(req).await,
+            (&Method::POST, "runtime/gust/config" | "gust/config") => self.gust_config(req).await,
             (&Method::GET, "ping") => json(StatusCode::OK, Bytes::from_static(b"{}")),
             (&Method::POST, r) if r.starts_with("runtime/invocation/") => {
                 let tail = &r["runtime/invocation/".len()..];
@@ -136,7 +158,11 @@ impl RuntimeApi {
                         let id = id.to_string();
                         self.complete(req, id, true).await
                     }
-                    _ => api_error(StatusCode::NOT_FOUND, "NotFound", &format!("no such Runtime API path: {path}")),
+                    _ => api_error(
+                        StatusCode::NOT_FOUND,
+                        "NotFound",
+                        &format!("no such Runtime API path: {path}"),
+                    ),
                 }
             }
             (m, _) => api_error(
@@ -158,16 +184,26 @@ impl RuntimeApi {
         let dispatch = self.next.lock().await.recv().await;
         let Some(d) = dispatch else {
             // The instance is stopping; the runtime should exit.
-            return api_error(StatusCode::INTERNAL_SERVER_ERROR, "InternalServerError", "instance is shutting down");
+            return api_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalServerError",
+                "instance is shutting down",
+            );
         };
-        self.state().current = Some(Current { request_id: d.request_id.clone(), reply: d.reply });
+        self.state().current = Some(Current {
+            request_id: d.request_id.clone(),
+            reply: d.reply,
+        });
         let mut r = Response::new(Full::new(d.payload));
         let h = r.headers_mut();
         let hv = |s: &str| HeaderValue::from_str(s).ok();
         if let Some(v) = hv(&d.request_id) {
             h.insert("lambda-runtime-aws-request-id", v);
         }
-        h.insert("lambda-runtime-deadline-ms", HeaderValue::from(d.deadline_ms));
+        h.insert(
+            "lambda-runtime-deadline-ms",
+            HeaderValue::from(d.deadline_ms),
+        );
         if let Some(v) = hv(&self.arn) {
             h.insert("lambda-runtime-invoked-function-arn", v);
         }
@@ -177,35 +213,56 @@ impl RuntimeApi {
         if let Some(v) = d.client_context.as_deref().and_then(hv) {
             h.insert("lambda-runtime-client-context", v);
         }
-        let ct = d.content_type.as_deref().and_then(hv).unwrap_or(HeaderValue::from_static("application/json"));
+        let ct = d
+            .content_type
+            .as_deref()
+            .and_then(hv)
+            .unwrap_or(HeaderValue::from_static("application/json"));
         h.insert(header::CONTENT_TYPE, ct);
         r
     }
 
     /// Reads a body of at most `MAX_PAYLOAD` bytes; `Err(true)` when it is larger, `Err(false)`
-    /// when the connection broke mid-body.
+    /// when the connection broke mid-body. An oversized body is still read (and dropped) up to
+    /// `DRAIN_LIMIT`, so that the runtime gets its 413 instead of a reset connection.
     async fn read_body(req: Request<Incoming>) -> Result<(http::HeaderMap, Bytes), bool> {
-        let declared = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<usize>().ok());
-        if declared.is_some_and(|n| n > MAX_PAYLOAD) {
+        const DRAIN_LIMIT: usize = 64 * 1024 * 1024;
+        let (parts, mut body) = req.into_parts();
+        let mut buf = bytes::BytesMut::new();
+        let mut total = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|_| false)?;
+            if let Ok(data) = frame.into_data() {
+                total += data.len();
+                if total <= MAX_PAYLOAD {
+                    buf.extend_from_slice(&data);
+                } else if total > DRAIN_LIMIT {
+                    break;
+                }
+            }
+        }
+        if total > MAX_PAYLOAD {
             return Err(true);
         }
-        let (parts, body) = req.into_parts();
-        match Limited::new(body, MAX_PAYLOAD).collect().await {
-            Ok(c) => Ok((parts.headers, c.to_bytes())),
-            Err(e) => Err(e.downcast_ref::<http_body_util::LengthLimitError>().is_some()),
-        }
+        Ok((parts.headers, buf.freeze()))
     }
 
     async fn complete(&self, req: Request<Incoming>, id: String, is_error: bool) -> Resp {
-        let invalid = || api_error(StatusCode::BAD_REQUEST, "InvalidRequestID", "Invalid request ID");
+        let invalid = || {
+            api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestID",
+                "Invalid request ID",
+            )
+        };
         {
             let st = self.state();
             if !st.initialized {
-                return api_error(StatusCode::FORBIDDEN, "InvalidStateTransition", "State transition from Initializing to Response is not allowed");
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "InvalidStateTransition",
+                    "State transition from Initializing to Response is not allowed",
+                );
             }
             if st.current.as_ref().is_none_or(|c| c.request_id != id) {
                 return invalid();
@@ -215,18 +272,33 @@ impl RuntimeApi {
         let outcome = match (&body, is_error) {
             (Err(true), _) => Outcome::function_error(
                 "Function.ResponseSizeTooLarge",
-                &format!("Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."),
+                &format!(
+                    "Response payload size exceeded maximum allowed payload size ({MAX_PAYLOAD} bytes)."
+                ),
             ),
-            (Err(false), _) => return api_error(StatusCode::BAD_REQUEST, "TruncatedHTTPRequest", "the request body was truncated"),
+            (Err(false), _) => {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "TruncatedHTTPRequest",
+                    "the request body was truncated",
+                );
+            }
             (Ok((headers, body)), false) => Outcome::Response {
                 body: body.clone(),
-                content_type: headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_string),
+                content_type: headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
             },
             (Ok((headers, body)), true) => error_outcome(headers, body),
         };
         let Some(current) = ({
             let mut st = self.state();
-            if st.current.as_ref().is_some_and(|c| c.request_id == id) { st.current.take() } else { None }
+            if st.current.as_ref().is_some_and(|c| c.request_id == id) {
+                st.current.take()
+            } else {
+                None
+            }
         }) else {
             return invalid();
         };
@@ -243,19 +315,45 @@ impl RuntimeApi {
 
     async fn init_error(&self, req: Request<Incoming>) -> Resp {
         if self.state().initialized {
-            return api_error(StatusCode::FORBIDDEN, "InvalidStateTransition", "State transition from Ready to InitError is not allowed");
+            return api_error(
+                StatusCode::FORBIDDEN,
+                "InvalidStateTransition",
+                "State transition from Ready to InitError is not allowed",
+            );
         }
         let (headers, body) = match Self::read_body(req).await {
             Ok(b) => b,
-            Err(true) => return api_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", "init error body too large"),
-            Err(false) => return api_error(StatusCode::BAD_REQUEST, "TruncatedHTTPRequest", "the request body was truncated"),
+            Err(true) => {
+                return api_error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "RequestEntityTooLarge",
+                    "init error body too large",
+                );
+            }
+            Err(false) => {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "TruncatedHTTPRequest",
+                    "the request body was truncated",
+                );
+            }
         };
-        let Outcome::FunctionError { error_type, body } = error_outcome(&headers, &body) else { unreachable!() };
+        let Outcome::FunctionError { error_type, body } = error_outcome(&headers, &body) else {
+            unreachable!()
+        };
         let message = serde_json::from_slice::<serde_json::Value>(&body)
             .ok()
-            .and_then(|v| v.get("errorMessage").and_then(|m| m.as_str()).map(str::to_string))
+            .and_then(|v| {
+                v.get("errorMessage")
+                    .and_then(|m| m.as_str())
+                    .map(str::to_string)
+            })
             .unwrap_or_else(|| String::from_utf8_lossy(&body).into_owned());
-        self.fail_init(InitError { error_type, message, body });
+        self.fail_init(InitError {
+            error_type,
+            message,
+            body,
+        });
         accepted()
     }
 
@@ -263,15 +361,29 @@ impl RuntimeApi {
     /// (`{"timeout_ms": 10000}`), which applies where the manifest is silent.
     async fn gust_config(&self, req: Request<Incoming>) -> Resp {
         let Ok((_, body)) = Self::read_body(req).await else {
-            return api_error(StatusCode::BAD_REQUEST, "InvalidConfig", "unreadable config body");
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidConfig",
+                "unreadable config body",
+            );
         };
         let v: serde_json::Value = match serde_json::from_slice(&body) {
             Ok(v) => v,
-            Err(e) => return api_error(StatusCode::BAD_REQUEST, "InvalidConfig", &format!("config is not JSON: {e}")),
+            Err(e) => {
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidConfig",
+                    &format!("config is not JSON: {e}"),
+                );
+            }
         };
         if let Some(ms) = v.get("timeout_ms").and_then(|t| t.as_f64()) {
             if !(1.0..=900_000.0).contains(&ms) {
-                return api_error(StatusCode::BAD_REQUEST, "InvalidConfig", "config.timeout must be 1..=900000 ms");
+                return api_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidConfig",
+                    "config.timeout must be 1..=900000 ms",
+                );
             }
             self.state().config_timeout = Some(Duration::from_millis(ms as u64));
         }
@@ -288,7 +400,11 @@ fn error_outcome(headers: &http::HeaderMap, body: &Bytes) -> Outcome {
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty())
         .map(str::to_string)
-        .or_else(|| parsed.as_ref().and_then(|v| v.get("errorType")?.as_str().map(str::to_string)))
+        .or_else(|| {
+            parsed
+                .as_ref()
+                .and_then(|v| v.get("errorType")?.as_str().map(str::to_string))
+        })
         .unwrap_or_else(|| "Unhandled".to_string());
     let body = match parsed {
         Some(serde_json::Value::Object(mut m)) => {

@@ -52,7 +52,12 @@ async fn auth(State(app): State<SharedApp>, req: Request, next: Next) -> Respons
 }
 
 fn function_json(app: &SharedApp, f: &gust_store::StoredFunction) -> Value {
-    let stats = app.platform.pools.get(&f.spec.name).map(|p| p.stats()).unwrap_or_default();
+    let stats = app
+        .platform
+        .pools
+        .get(&f.spec.name)
+        .map(|p| p.stats())
+        .unwrap_or_default();
     json!({
         "name": f.spec.name,
         "service": f.spec.service,
@@ -73,30 +78,52 @@ fn function_json(app: &SharedApp, f: &gust_store::StoredFunction) -> Value {
 
 async fn list(State(app): State<SharedApp>) -> Result<Json<Value>, ApiError> {
     let fs = app.platform.store.functions()?;
-    Ok(Json(Value::Array(fs.iter().map(|f| function_json(&app, f)).collect())))
+    Ok(Json(Value::Array(
+        fs.iter().map(|f| function_json(&app, f)).collect(),
+    )))
 }
 
 fn not_deployed(name: &str) -> ApiError {
     ApiError::NotFound(format!("function {name} is not deployed (see `gust ls`)"))
 }
 
-async fn describe(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let f = app.platform.store.function(&name)?.ok_or_else(|| not_deployed(&name))?;
+async fn describe(
+    State(app): State<SharedApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let f = app
+        .platform
+        .store
+        .function(&name)?
+        .ok_or_else(|| not_deployed(&name))?;
     Ok(Json(function_json(&app, &f)))
 }
 
-async fn remove_function(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn remove_function(
+    State(app): State<SharedApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     app.platform.remove_function(&name).await?;
     Ok(Json(json!({ "removed": [name] })))
 }
 
-async fn remove_service(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn remove_service(
+    State(app): State<SharedApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     let removed = app.platform.remove_service(&name).await?;
     Ok(Json(json!({ "service": name, "removed": removed })))
 }
 
-async fn recycle(State(app): State<SharedApp>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {
-    let pool = app.platform.pools.get(&name).ok_or_else(|| not_deployed(&name))?;
+async fn recycle(
+    State(app): State<SharedApp>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let pool = app
+        .platform
+        .pools
+        .get(&name)
+        .ok_or_else(|| not_deployed(&name))?;
     let stopped = pool.recycle().await;
     Ok(Json(json!({ "stopped": stopped })))
 }
@@ -150,27 +177,51 @@ async fn deploy(State(app): State<SharedApp>, body: Bytes) -> Result<Json<Value>
             "deploy body must be JSON {{\"manifest\": \"<gust.toml text>\", \"file\": \"gust.toml\", \"code\": {{\"FUNCTION\": \"<sha256>\"}}}}: {e}"
         ))
     })?;
-    let report = app.platform.deploy(&body.file, &body.manifest, &body.code).await?;
+    let report = app
+        .platform
+        .deploy(&body.file, &body.manifest, &body.code)
+        .await?;
     let mut v = serde_json::to_value(&report).map_err(|e| ApiError::Platform(e.to_string()))?;
     for f in v["functions"].as_array_mut().into_iter().flatten() {
-        let url = format!("{}/fn/{}", app.base_url, f["name"].as_str().unwrap_or_default());
+        let url = format!(
+            "{}/fn/{}",
+            app.base_url,
+            f["name"].as_str().unwrap_or_default()
+        );
         f["url"] = Value::String(url);
     }
     Ok(Json(v))
 }
 
 async fn has_blob(State(app): State<SharedApp>, Path(sha): Path<String>) -> StatusCode {
-    if app.platform.store.has_blob(&sha) { StatusCode::OK } else { StatusCode::NOT_FOUND }
+    if app.platform.store.has_blob(&sha) {
+        StatusCode::OK
+    } else {
+        StatusCode::NOT_FOUND
+    }
 }
 
-async fn put_blob(State(app): State<SharedApp>, Path(sha): Path<String>, req: Request) -> Result<Response, ApiError> {
+async fn put_blob(
+    State(app): State<SharedApp>,
+    Path(sha): Path<String>,
+    req: Request,
+) -> Result<Response, ApiError> {
     let body = axum::body::to_bytes(req.into_body(), MAX_BUNDLE)
         .await
-        .map_err(|_| ApiError::PayloadTooLarge(format!("code bundles are limited to {} MB", MAX_BUNDLE >> 20)))?;
+        .map_err(|_| {
+            ApiError::PayloadTooLarge(format!(
+                "code bundles are limited to {} MB",
+                MAX_BUNDLE >> 20
+            ))
+        })?;
     let store = app.platform.store.clone();
     let created = tokio::task::spawn_blocking(move || store.put_blob(&sha, &body))
         .await
         .map_err(|e| ApiError::Platform(e.to_string()))??;
-    let status = if created { StatusCode::CREATED } else { StatusCode::OK };
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
     Ok((status, Json(json!({ "created": created }))).into_response())
 }

@@ -26,19 +26,31 @@ pub struct HttpRequest<'a> {
 
 fn is_text(content_type: Option<&str>) -> bool {
     let Some(ct) = content_type else { return true };
-    let ct = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let ct = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     ct.starts_with("text/")
         || ct.ends_with("+json")
         || ct.ends_with("+xml")
         || matches!(
             ct.as_str(),
-            "application/json" | "application/xml" | "application/javascript" | "application/x-www-form-urlencoded" | "application/graphql" | ""
+            "application/json"
+                | "application/xml"
+                | "application/javascript"
+                | "application/x-www-form-urlencoded"
+                | "application/graphql"
+                | ""
         )
 }
 
 fn decode_component(s: &str) -> String {
     let plus = s.replace('+', " ");
-    percent_encoding::percent_decode_str(&plus).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode_str(&plus)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 /// Builds the event JSON.
@@ -48,7 +60,12 @@ pub fn event(r: &HttpRequest<'_>) -> Vec<u8> {
     for (name, value) in r.headers {
         let v = String::from_utf8_lossy(value.as_bytes());
         if name == header::COOKIE {
-            cookies.extend(v.split(';').map(|c| c.trim()).filter(|c| !c.is_empty()).map(|c| Value::String(c.into())));
+            cookies.extend(
+                v.split(';')
+                    .map(|c| c.trim())
+                    .filter(|c| !c.is_empty())
+                    .map(|c| Value::String(c.into())),
+            );
             continue;
         }
         match headers.get_mut(name.as_str()) {
@@ -114,7 +131,11 @@ pub fn event(r: &HttpRequest<'_>) -> Vec<u8> {
         obj.insert("pathParameters".into(), json!(params));
     }
     if !r.body.is_empty() {
-        let text = is_text(r.headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()));
+        let text = is_text(
+            r.headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok()),
+        );
         match std::str::from_utf8(r.body) {
             Ok(s) if text => {
                 obj.insert("body".into(), Value::String(s.to_string()));
@@ -163,7 +184,11 @@ pub fn response(body: Bytes, content_type: Option<&str>) -> Option<Response<Body
     let body_bytes = match obj.get("body") {
         None | Some(Value::Null) => Bytes::new(),
         Some(Value::String(s)) => {
-            if obj.get("isBase64Encoded").and_then(Value::as_bool).unwrap_or(false) {
+            if obj
+                .get("isBase64Encoded")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+            {
                 Bytes::from(B64.decode(s.as_bytes()).ok()?)
             } else {
                 Bytes::from(s.clone())
@@ -176,7 +201,9 @@ pub fn response(body: Bytes, content_type: Option<&str>) -> Option<Response<Body
     let h = resp.headers_mut();
     if let Some(Value::Object(headers)) = obj.get("headers") {
         for (k, v) in headers {
-            if let (Ok(name), Some(value)) = (HeaderName::from_bytes(k.as_bytes()), value_to_header(v)) {
+            if let (Ok(name), Some(value)) =
+                (HeaderName::from_bytes(k.as_bytes()), value_to_header(v))
+            {
                 h.append(name, value);
             }
         }
@@ -196,7 +223,10 @@ pub fn response(body: Bytes, content_type: Option<&str>) -> Option<Response<Body
         }
     }
     if !h.contains_key(header::CONTENT_TYPE) {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
     }
     Some(resp)
 }
@@ -206,7 +236,8 @@ fn plain(status: StatusCode, content_type: &str, body: Bytes) -> Response<Body> 
     *r.status_mut() = status;
     r.headers_mut().insert(
         header::CONTENT_TYPE,
-        HeaderValue::from_str(content_type).unwrap_or(HeaderValue::from_static("application/octet-stream")),
+        HeaderValue::from_str(content_type)
+            .unwrap_or(HeaderValue::from_static("application/octet-stream")),
     );
     r
 }
@@ -221,7 +252,10 @@ mod tests {
         headers.append("x-multi", HeaderValue::from_static("a"));
         headers.append("x-multi", HeaderValue::from_static("b"));
         headers.insert("cookie", HeaderValue::from_static("c1=1; c2=2"));
-        headers.insert("content-type", HeaderValue::from_static("application/octet-stream"));
+        headers.insert(
+            "content-type",
+            HeaderValue::from_static("application/octet-stream"),
+        );
         let body = Bytes::from_static(&[0, 159, 146, 150]);
         let ev = event(&HttpRequest {
             method: &Method::POST,
@@ -240,11 +274,17 @@ mod tests {
         assert_eq!(v["headers"]["x-multi"], "a,b");
         assert!(v["headers"].get("cookie").is_none());
         assert_eq!(v["cookies"], json!(["c1=1", "c2=2"]));
-        assert_eq!(v["queryStringParameters"], json!({"p1": "v1,v2", "p2": "a b c"}));
+        assert_eq!(
+            v["queryStringParameters"],
+            json!({"p1": "v1,v2", "p2": "a b c"})
+        );
         assert_eq!(v["pathParameters"]["x"], "path");
         assert_eq!(v["requestContext"]["http"]["method"], "POST");
         assert_eq!(v["isBase64Encoded"], true);
-        assert_eq!(B64.decode(v["body"].as_str().unwrap()).unwrap(), body.to_vec());
+        assert_eq!(
+            B64.decode(v["body"].as_str().unwrap()).unwrap(),
+            body.to_vec()
+        );
     }
 
     #[test]
@@ -255,10 +295,23 @@ mod tests {
         assert_eq!(r.headers()["x-n"], "2");
         assert_eq!(r.headers().get_all("set-cookie").iter().count(), 2);
         let r = response(Bytes::from(r#"{"hello":"world"}"#), None).unwrap();
-        assert_eq!((r.status(), r.headers()["content-type"].to_str().unwrap()), (StatusCode::OK, "application/json"));
-        let r = response(Bytes::from(r#"{"statusCode":200,"body":"AAEC","isBase64Encoded":true}"#), None).unwrap();
+        assert_eq!(
+            (r.status(), r.headers()["content-type"].to_str().unwrap()),
+            (StatusCode::OK, "application/json")
+        );
+        let r = response(
+            Bytes::from(r#"{"statusCode":200,"body":"AAEC","isBase64Encoded":true}"#),
+            None,
+        )
+        .unwrap();
         assert_eq!(r.status(), 200);
         assert!(response(Bytes::from(r#"{"statusCode":"abc"}"#), None).is_none());
-        assert!(response(Bytes::from(r#"{"statusCode":200,"body":"!!","isBase64Encoded":true}"#), None).is_none());
+        assert!(
+            response(
+                Bytes::from(r#"{"statusCode":200,"body":"!!","isBase64Encoded":true}"#),
+                None
+            )
+            .is_none()
+        );
     }
 }

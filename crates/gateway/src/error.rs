@@ -35,7 +35,10 @@ impl From<StoreError> for ApiError {
 
 fn json_response(status: StatusCode, body: serde_json::Value) -> Response {
     let mut r = (status, body.to_string()).into_response();
-    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
     r
 }
 
@@ -58,9 +61,13 @@ impl IntoResponse for ApiError {
                 (StatusCode::INTERNAL_SERVER_ERROR, "Internal", "internal error; see the server log".to_string())
             }
         };
-        let mut r = json_response(status, json!({ "error": { "code": code, "message": message } }));
+        let mut r = json_response(
+            status,
+            json!({ "error": { "code": code, "message": message } }),
+        );
         if status == StatusCode::UNAUTHORIZED {
-            r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            r.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         r
     }
@@ -68,7 +75,11 @@ impl IntoResponse for ApiError {
 
 /// An Invoke API error in the AWS restJson1 shape.
 pub fn aws_error(status: StatusCode, error_type: &str, message: &str) -> Response {
-    let kind = if status.is_client_error() { "User" } else { "Service" };
+    let kind = if status.is_client_error() {
+        "User"
+    } else {
+        "Service"
+    };
     let mut r = json_response(status, json!({ "Type": kind, "message": message }));
     if let Ok(v) = HeaderValue::from_str(error_type) {
         r.headers_mut().insert("x-amzn-errortype", v);
@@ -83,7 +94,10 @@ pub fn invoke_api_error(e: &InvokeError) -> Response {
             "ResourceNotFoundException",
             &format!("Function not found: {}", lambda::function_arn(name)),
         ),
-        InvokeError::Throttled { message, retry_after_secs } => {
+        InvokeError::Throttled {
+            message,
+            retry_after_secs,
+        } => {
             let mut r = json_response(
                 StatusCode::TOO_MANY_REQUESTS,
                 json!({
@@ -93,19 +107,31 @@ pub fn invoke_api_error(e: &InvokeError) -> Response {
                     "retryAfterSeconds": retry_after_secs.to_string(),
                 }),
             );
-            r.headers_mut().insert("x-amzn-errortype", HeaderValue::from_static("TooManyRequestsException"));
-            r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            r.headers_mut().insert(
+                "x-amzn-errortype",
+                HeaderValue::from_static("TooManyRequestsException"),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
             r
         }
-        InvokeError::PayloadTooLarge(_) => {
-            aws_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException", &e.to_string())
-        }
-        InvokeError::ShuttingDown => {
-            aws_error(StatusCode::SERVICE_UNAVAILABLE, "ServiceException", "gust is shutting down; retry on another node")
-        }
+        InvokeError::PayloadTooLarge(_) => aws_error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            &e.to_string(),
+        ),
+        InvokeError::ShuttingDown => aws_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceException",
+            "gust is shutting down; retry on another node",
+        ),
         InvokeError::Platform(m) => {
             tracing::error!("invoke: {m}");
-            aws_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", "internal error; see the server log")
+            aws_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                "internal error; see the server log",
+            )
         }
     }
 }
@@ -115,7 +141,9 @@ pub fn http_error(e: &InvokeError) -> Response {
     let (status, message) = match (e.class(), e) {
         (_, InvokeError::NotFound(_)) => (StatusCode::NOT_FOUND, "Not Found"),
         (_, InvokeError::Throttled { .. }) => (StatusCode::TOO_MANY_REQUESTS, "Too Many Requests"),
-        (_, InvokeError::PayloadTooLarge(_)) => (StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large"),
+        (_, InvokeError::PayloadTooLarge(_)) => {
+            (StatusCode::PAYLOAD_TOO_LARGE, "Request Entity Too Large")
+        }
         (_, InvokeError::ShuttingDown) => (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"),
         (ErrorClass::Platform, _) | (_, InvokeError::Platform(_)) => {
             tracing::error!("http trigger: {e}");
@@ -123,13 +151,20 @@ pub fn http_error(e: &InvokeError) -> Response {
         }
     };
     let mut r = json_response(status, json!({ "message": message }));
-    if let InvokeError::Throttled { retry_after_secs, .. } = e {
-        r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+    if let InvokeError::Throttled {
+        retry_after_secs, ..
+    } = e
+    {
+        r.headers_mut()
+            .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
     }
     r
 }
 
 /// A function error or malformed function response on an HTTP trigger: 502.
 pub fn bad_gateway() -> Response {
-    json_response(StatusCode::BAD_GATEWAY, json!({ "message": "Internal Server Error" }))
+    json_response(
+        StatusCode::BAD_GATEWAY,
+        json!({ "message": "Internal Server Error" }),
+    )
 }

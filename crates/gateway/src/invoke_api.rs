@@ -27,16 +27,27 @@ pub(crate) fn parse_function_name(raw: &str) -> (String, Option<String>) {
 }
 
 fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    h.get(name).and_then(|v| v.to_str().ok()).map(str::trim).filter(|v| !v.is_empty())
+    h.get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
 }
 
-pub(crate) async fn invoke(State(app): State<SharedApp>, Path(raw_name): Path<String>, req: Request) -> Response {
+pub(crate) async fn invoke(
+    State(app): State<SharedApp>,
+    Path(raw_name): Path<String>,
+    req: Request,
+) -> Response {
     let (name, qual_in_name) = parse_function_name(&raw_name);
     let qualifier = req
         .uri()
         .query()
         .and_then(|q| q.split('&').find_map(|p| p.strip_prefix("Qualifier=")))
-        .map(|q| percent_encoding::percent_decode_str(q).decode_utf8_lossy().into_owned())
+        .map(|q| {
+            percent_encoding::percent_decode_str(q)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
         .or(qual_in_name);
     if let Some(q) = &qualifier
         && q != LATEST
@@ -51,7 +62,8 @@ pub(crate) async fn invoke(State(app): State<SharedApp>, Path(raw_name): Path<St
         );
     }
     let headers = req.headers().clone();
-    let invocation_type = header_str(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
+    let invocation_type =
+        header_str(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     match invocation_type {
         "RequestResponse" | "DryRun" => {}
         "Event" => {
@@ -66,7 +78,9 @@ pub(crate) async fn invoke(State(app): State<SharedApp>, Path(raw_name): Path<St
             return aws_error(
                 StatusCode::BAD_REQUEST,
                 "InvalidParameterValueException",
-                &format!("InvocationType {other:?} is not valid: use RequestResponse, Event or DryRun"),
+                &format!(
+                    "InvocationType {other:?} is not valid: use RequestResponse, Event or DryRun"
+                ),
             );
         }
     }
@@ -104,7 +118,8 @@ pub(crate) async fn invoke(State(app): State<SharedApp>, Path(raw_name): Path<St
         }
         let mut r = Response::new(Body::empty());
         *r.status_mut() = StatusCode::NO_CONTENT;
-        r.headers_mut().insert("x-amz-executed-version", HeaderValue::from_static(LATEST));
+        r.headers_mut()
+            .insert("x-amz-executed-version", HeaderValue::from_static(LATEST));
         return r;
     }
     // An empty payload is the empty JSON object, as on Lambda; anything else must be JSON.
@@ -149,7 +164,10 @@ pub(crate) async fn invoke(State(app): State<SharedApp>, Path(raw_name): Path<St
         h.insert("x-amzn-requestid", v);
     }
     if function_error {
-        h.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+        h.insert(
+            "x-amz-function-error",
+            HeaderValue::from_static("Unhandled"),
+        );
     }
     if let Some(tail) = result.log_tail
         && let Ok(v) = HeaderValue::from_str(&B64.encode(tail))
@@ -166,8 +184,14 @@ mod tests {
     #[test]
     fn function_names_arns_and_qualifiers() {
         assert_eq!(parse_function_name("f"), ("f".into(), None));
-        assert_eq!(parse_function_name("f:$LATEST"), ("f".into(), Some("$LATEST".into())));
-        assert_eq!(parse_function_name("123456789012:function:f"), ("f".into(), None));
+        assert_eq!(
+            parse_function_name("f:$LATEST"),
+            ("f".into(), Some("$LATEST".into()))
+        );
+        assert_eq!(
+            parse_function_name("123456789012:function:f"),
+            ("f".into(), None)
+        );
         assert_eq!(
             parse_function_name("arn:aws:lambda:us-east-1:123456789012:function:f:prod"),
             ("f".into(), Some("prod".into()))

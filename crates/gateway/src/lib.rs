@@ -6,8 +6,8 @@
 //! It turns requests into `Invocation`s for the `Invoker` and results into responses; it never
 //! knows how instances are made. Errors become responses in `error.rs` only.
 
-pub mod apigw;
 mod admin;
+pub mod apigw;
 pub mod error;
 mod invoke_api;
 pub mod platform;
@@ -46,7 +46,10 @@ pub fn router(app: SharedApp) -> Router {
     Router::new()
         .route("/_gust/health", get(|| async { "ok" }))
         .nest("/_gust/v1", admin::router(app.clone()))
-        .route("/2015-03-31/functions/{name}/invocations", post(invoke_api::invoke))
+        .route(
+            "/2015-03-31/functions/{name}/invocations",
+            post(invoke_api::invoke),
+        )
         .route("/fn/{name}", any(default_url))
         .route("/fn/{name}/", any(default_url))
         .route("/fn/{name}/{*rest}", any(default_url))
@@ -69,7 +72,9 @@ async fn default_url(State(app): State<SharedApp>, req: Request) -> Response {
         Some(i) => (after[..i].to_string(), after[i..].to_string()),
         None => (after.to_string(), "/".to_string()),
     };
-    let name = percent_encoding::percent_decode_str(&name).decode_utf8_lossy().into_owned();
+    let name = percent_encoding::percent_decode_str(&name)
+        .decode_utf8_lossy()
+        .into_owned();
     http_invoke(&app, req, &name, rest, "$default".into(), None).await
 }
 
@@ -80,7 +85,15 @@ async fn manifest_route(State(app): State<SharedApp>, req: Request) -> Response 
         return error::http_error(&InvokeError::NotFound(req.uri().path().to_string()));
     };
     let path = req.uri().path().to_string();
-    http_invoke(&app, req, m.function, path, m.route_key.clone(), Some(m.params)).await
+    http_invoke(
+        &app,
+        req,
+        m.function,
+        path,
+        m.route_key.clone(),
+        Some(m.params),
+    )
+    .await
 }
 
 async fn http_invoke(
@@ -109,7 +122,11 @@ async fn http_invoke(
         source_ip,
         request_id: &request_id,
     });
-    let invocation = Invocation { payload: event.into(), content_type: None, ..Default::default() };
+    let invocation = Invocation {
+        payload: event.into(),
+        content_type: None,
+        ..Default::default()
+    };
     let result = match app.invoker.invoke(function, invocation).await {
         Ok(r) => r,
         Err(e) => return error::http_error(&e),
@@ -125,7 +142,10 @@ async fn http_invoke(
                     r
                 }
                 None => {
-                    tracing::warn!(function, "malformed HTTP response from function (see docs/api.md)");
+                    tracing::warn!(
+                        function,
+                        "malformed HTTP response from function (see docs/api.md)"
+                    );
                     error::bad_gateway()
                 }
             }
@@ -142,6 +162,10 @@ async fn http_invoke(
 pub(crate) async fn admin_not_found(req: Request<Body>) -> impl IntoResponse {
     (
         StatusCode::NOT_FOUND,
-        error::ApiError::NotFound(format!("no admin API route {} {}", req.method(), req.uri().path())),
+        error::ApiError::NotFound(format!(
+            "no admin API route {} {}",
+            req.method(),
+            req.uri().path()
+        )),
     )
 }

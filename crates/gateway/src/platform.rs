@@ -47,7 +47,10 @@ impl Platform {
     }
 
     pub fn routes(&self) -> Arc<RouteTable> {
-        self.routes.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn rebuild_routes(&self) {
@@ -93,8 +96,8 @@ impl Platform {
         manifest_text: &str,
         code: &HashMap<String, String>,
     ) -> Result<DeployReport, ApiError> {
-        let manifest =
-            gust_manifest::parse(file, manifest_text).map_err(|e| ApiError::BadRequest(e.to_string()))?;
+        let manifest = gust_manifest::parse(file, manifest_text)
+            .map_err(|e| ApiError::BadRequest(e.to_string()))?;
         let mut specs = Vec::new();
         for f in &manifest.functions {
             let sha = code.get(&f.spec.name).ok_or_else(|| {
@@ -111,7 +114,10 @@ impl Platform {
         for (spec, _) in &specs {
             for r in &spec.routes {
                 if let Some(owner) = table.owner(&r.method, &r.path)
-                    && self.store.function(owner)?.is_some_and(|o| o.spec.service != manifest.service)
+                    && self
+                        .store
+                        .function(owner)?
+                        .is_some_and(|o| o.spec.service != manifest.service)
                 {
                     return Err(ApiError::Conflict(format!(
                         "route {} {} of function {} is already served by function {owner} of another service: choose another path",
@@ -120,8 +126,14 @@ impl Platform {
                 }
             }
         }
-        let (stored, removed) = self.store.deploy_service(&manifest.service, manifest_text, &specs)?;
-        let mut report = DeployReport { service: manifest.service.clone(), functions: Vec::new(), removed: removed.clone() };
+        let (stored, removed) =
+            self.store
+                .deploy_service(&manifest.service, manifest_text, &specs)?;
+        let mut report = DeployReport {
+            service: manifest.service.clone(),
+            functions: Vec::new(),
+            removed: removed.clone(),
+        };
         // New versions warm their minimum instances before they take traffic, so a redeploy
         // never makes callers wait for a cold start that could have been done ahead.
         let mut prepared = Vec::new();
@@ -133,7 +145,12 @@ impl Platform {
                 revision: f.revision,
                 min_instances: f.spec.scaling.min_instances,
                 min_instances_started: started,
-                routes: f.spec.routes.iter().map(|r| format!("{} {}", r.method, r.path)).collect(),
+                routes: f
+                    .spec
+                    .routes
+                    .iter()
+                    .map(|r| format!("{} {}", r.method, r.path))
+                    .collect(),
             });
             prepared.push(pool);
         }
@@ -150,7 +167,9 @@ impl Platform {
     pub async fn remove_function(&self, name: &str) -> Result<(), ApiError> {
         let _guard = self.deploy_lock.lock().await;
         if !self.store.remove_function(name)? {
-            return Err(ApiError::NotFound(format!("function {name} is not deployed (see `gust ls`)")));
+            return Err(ApiError::NotFound(format!(
+                "function {name} is not deployed (see `gust ls`)"
+            )));
         }
         self.pools.remove(name);
         self.rebuild_routes();
@@ -160,7 +179,9 @@ impl Platform {
     pub async fn remove_service(&self, service: &str) -> Result<Vec<String>, ApiError> {
         let _guard = self.deploy_lock.lock().await;
         let Some(names) = self.store.remove_service(service)? else {
-            return Err(ApiError::NotFound(format!("service {service} is not deployed (see `gust ls`)")));
+            return Err(ApiError::NotFound(format!(
+                "service {service} is not deployed (see `gust ls`)"
+            )));
         };
         for n in &names {
             self.pools.remove(n);

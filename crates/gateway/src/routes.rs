@@ -45,15 +45,22 @@ impl RouteTable {
         for (function, rs) in functions {
             for r in rs {
                 let segs = split(&r.path)
-                    .map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
-                        Some(p) => match p.strip_suffix('+') {
-                            Some(g) => Seg::Greedy(g.to_string()),
-                            None => Seg::Param(p.to_string()),
+                    .map(
+                        |s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                            Some(p) => match p.strip_suffix('+') {
+                                Some(g) => Seg::Greedy(g.to_string()),
+                                None => Seg::Param(p.to_string()),
+                            },
+                            None => Seg::Lit(s.to_string()),
                         },
-                        None => Seg::Lit(s.to_string()),
-                    })
+                    )
                     .collect();
-                routes.push(Compiled { method: r.method.clone(), path: r.path.clone(), segs, function: function.to_string() });
+                routes.push(Compiled {
+                    method: r.method.clone(),
+                    path: r.path.clone(),
+                    segs,
+                    function: function.to_string(),
+                });
             }
         }
         RouteTable { routes }
@@ -61,18 +68,25 @@ impl RouteTable {
 
     /// Which function, if any, claims this method and path already.
     pub fn owner(&self, method: &str, path: &str) -> Option<&str> {
-        self.routes.iter().find(|r| r.method == method && r.path == path).map(|r| r.function.as_str())
+        self.routes
+            .iter()
+            .find(|r| r.method == method && r.path == path)
+            .map(|r| r.function.as_str())
     }
 
     pub fn find(&self, method: &str, path: &str) -> Option<Matched<'_>> {
         let parts: Vec<&str> = split(path).collect();
-        let mut best: Option<((bool, usize, bool), &Compiled, BTreeMap<String, String>)> = None;
+        // (exact method, literal segments, no greedy tail): higher is more specific.
+        type Score = (bool, usize, bool);
+        let mut best: Option<(Score, &Compiled, BTreeMap<String, String>)> = None;
         for r in &self.routes {
             let exact_method = r.method == method || (method == "HEAD" && r.method == "GET");
             if !exact_method && r.method != "ANY" {
                 continue;
             }
-            let Some(params) = match_segs(&r.segs, &parts) else { continue };
+            let Some(params) = match_segs(&r.segs, &parts) else {
+                continue;
+            };
             let literals = r.segs.iter().filter(|s| matches!(s, Seg::Lit(_))).count();
             let no_greedy = !matches!(r.segs.last(), Some(Seg::Greedy(_)));
             let score = (exact_method, literals, no_greedy);
@@ -118,7 +132,9 @@ fn match_segs(segs: &[Seg], parts: &[&str]) -> Option<BTreeMap<String, String>> 
 }
 
 fn decode(s: &str) -> String {
-    percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned()
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -126,13 +142,20 @@ mod tests {
     use super::*;
 
     fn r(method: &str, path: &str) -> Route {
-        Route { method: method.into(), path: path.into() }
+        Route {
+            method: method.into(),
+            path: path.into(),
+        }
     }
 
     #[test]
     fn most_specific_route_wins() {
         let a = [r("GET", "/users/{id}"), r("ANY", "/files/{proxy+}")];
-        let b = [r("GET", "/users/me"), r("ANY", "/users/{id}"), r("GET", "/")];
+        let b = [
+            r("GET", "/users/me"),
+            r("ANY", "/users/{id}"),
+            r("GET", "/"),
+        ];
         let t = RouteTable::new([("a", &a[..]), ("b", &b[..])]);
         let m = t.find("GET", "/users/42").unwrap();
         assert_eq!((m.function, m.route_key.as_str()), ("a", "GET /users/{id}"));

@@ -95,7 +95,9 @@ struct RawRoute {
     path: Spanned<String>,
 }
 
-const METHODS: &[&str] = &["ANY", "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"];
+const METHODS: &[&str] = &[
+    "ANY", "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS",
+];
 /// Path prefixes gust itself serves; a route may not shadow them.
 pub const RESERVED_PREFIXES: &[&str] = &["/_gust", "/fn/", "/2015-03-31/", "/2018-06-01/"];
 /// Environment variables the platform sets; a function may not override them (Lambda's list).
@@ -127,8 +129,15 @@ struct Ctx<'a> {
 
 impl Ctx<'_> {
     fn err(&self, span: Range<usize>, message: impl Into<String>) -> ManifestError {
-        let line = self.src[..span.start.min(self.src.len())].matches('\n').count() + 1;
-        ManifestError { file: self.file.to_string(), line, message: message.into() }
+        let line = self.src[..span.start.min(self.src.len())]
+            .matches('\n')
+            .count()
+            + 1;
+        ManifestError {
+            file: self.file.to_string(),
+            line,
+            message: message.into(),
+        }
     }
 
     fn int<T: TryFrom<i64>>(
@@ -144,7 +153,11 @@ impl Ctx<'_> {
         if !range.contains(&n) {
             return Err(self.err(
                 v.span(),
-                format!("{key} = {n}: must be {}..={}{unit}", range.start(), range.end()),
+                format!(
+                    "{key} = {n}: must be {}..={}{unit}",
+                    range.start(),
+                    range.end()
+                ),
             ));
         }
         T::try_from(n).map_err(|_| self.err(v.span(), format!("{key} = {n}: out of range")))
@@ -187,7 +200,9 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         if !valid_name(name) {
             return Err(cx.err(
                 fspan,
-                format!("[functions.{name}]: a function name must be 1-64 letters, digits, '-' or '_'"),
+                format!(
+                    "[functions.{name}]: a function name must be 1-64 letters, digits, '-' or '_'"
+                ),
             ));
         }
         let runtime = match f.runtime.get_ref().as_str() {
@@ -197,7 +212,9 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             other => {
                 return Err(cx.err(
                     f.runtime.span(),
-                    format!("runtime = {other:?}: must be one of \"nodejs\", \"python\", \"provided\""),
+                    format!(
+                        "runtime = {other:?}: must be one of \"nodejs\", \"python\", \"provided\""
+                    ),
                 ));
             }
         };
@@ -255,17 +272,35 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         if env_size > 4096 {
             return Err(cx.err(
                 fspan,
-                format!("[functions.{name}].environment is {env_size} bytes: the limit is 4 KB in all"),
+                format!(
+                    "[functions.{name}].environment is {env_size} bytes: the limit is 4 KB in all"
+                ),
             ));
         }
         let d = Scaling::default();
         let scaling = match &f.scaling {
             None => d,
             Some(s) => {
-                let max_instances = cx.int(&s.max_instances, "max_instances", 1..=1000, "", d.max_instances)?;
-                let min_instances = cx.int(&s.min_instances, "min_instances", 0..=1000, "", d.min_instances)?;
+                let max_instances = cx.int(
+                    &s.max_instances,
+                    "max_instances",
+                    1..=1000,
+                    "",
+                    d.max_instances,
+                )?;
+                let min_instances = cx.int(
+                    &s.min_instances,
+                    "min_instances",
+                    0..=1000,
+                    "",
+                    d.min_instances,
+                )?;
                 if min_instances > max_instances {
-                    let span = s.min_instances.as_ref().map(|v| v.span()).unwrap_or(fspan.clone());
+                    let span = s
+                        .min_instances
+                        .as_ref()
+                        .map(|v| v.span())
+                        .unwrap_or(fspan.clone());
                     return Err(cx.err(
                         span,
                         format!("min_instances = {min_instances}: must not exceed max_instances ({max_instances})"),
@@ -274,9 +309,27 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 Scaling {
                     max_instances,
                     min_instances,
-                    idle_timeout: cx.int(&s.idle_timeout, "idle_timeout", 1..=86_400, " seconds", d.idle_timeout)?,
-                    queue_length: cx.int(&s.queue_length, "queue_length", 0..=100_000, "", d.queue_length)?,
-                    queue_timeout: cx.int(&s.queue_timeout, "queue_timeout", 0..=900, " seconds", d.queue_timeout)?,
+                    idle_timeout: cx.int(
+                        &s.idle_timeout,
+                        "idle_timeout",
+                        1..=86_400,
+                        " seconds",
+                        d.idle_timeout,
+                    )?,
+                    queue_length: cx.int(
+                        &s.queue_length,
+                        "queue_length",
+                        0..=100_000,
+                        "",
+                        d.queue_length,
+                    )?,
+                    queue_timeout: cx.int(
+                        &s.queue_timeout,
+                        "queue_timeout",
+                        0..=900,
+                        " seconds",
+                        d.queue_timeout,
+                    )?,
                 }
             }
         };
@@ -290,7 +343,11 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                     if !METHODS.contains(&up.as_str()) {
                         return Err(cx.err(
                             m.span(),
-                            format!("method = {:?}: must be one of {}", m.get_ref(), METHODS.join(", ")),
+                            format!(
+                                "method = {:?}: must be one of {}",
+                                m.get_ref(),
+                                METHODS.join(", ")
+                            ),
                         ));
                     }
                     up
@@ -306,9 +363,16 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                     format!("route {method} {path} is declared twice (also by function {other}): keep one"),
                 ));
             }
-            routes.push(Route { method, path: path.clone() });
+            routes.push(Route {
+                method,
+                path: path.clone(),
+            });
         }
-        let code = f.code.as_ref().map(|c| c.get_ref().clone()).unwrap_or_else(|| ".".into());
+        let code = f
+            .code
+            .as_ref()
+            .map(|c| c.get_ref().clone())
+            .unwrap_or_else(|| ".".into());
         functions.push(ManifestFunction {
             spec: FunctionSpec {
                 name: name.clone(),
@@ -333,8 +397,13 @@ pub fn check_route_path(path: &str) -> Result<(), String> {
     if !path.starts_with('/') {
         return Err("must start with '/'".into());
     }
-    if let Some(p) = RESERVED_PREFIXES.iter().find(|p| path.starts_with(*p) || path == p.trim_end_matches('/')) {
-        return Err(format!("paths under {p} are reserved by gust; choose another prefix"));
+    if let Some(p) = RESERVED_PREFIXES
+        .iter()
+        .find(|p| path.starts_with(*p) || path == p.trim_end_matches('/'))
+    {
+        return Err(format!(
+            "paths under {p} are reserved by gust; choose another prefix"
+        ));
     }
     let segs: Vec<&str> = path[1..].split('/').collect();
     for (i, seg) in segs.iter().enumerate() {
@@ -346,14 +415,22 @@ pub fn check_route_path(path: &str) -> Result<(), String> {
                 Some(n) => (n, true),
                 None => (inner, false),
             };
-            if pname.is_empty() || !pname.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
-                return Err(format!("parameter {seg:?} must be {{name}} or {{name+}} with a name of letters, digits or '_'"));
+            if pname.is_empty()
+                || !pname
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_')
+            {
+                return Err(format!(
+                    "parameter {seg:?} must be {{name}} or {{name+}} with a name of letters, digits or '_'"
+                ));
             }
             if greedy && i + 1 != segs.len() {
                 return Err(format!("greedy parameter {seg:?} must be the last segment"));
             }
         } else if seg.contains('{') || seg.contains('}') {
-            return Err(format!("segment {seg:?}: a parameter must be a whole segment, like /users/{{id}}"));
+            return Err(format!(
+                "segment {seg:?}: a parameter must be a whole segment, like /users/{{id}}"
+            ));
         }
     }
     Ok(())
@@ -399,7 +476,13 @@ runtime = "provided"
         assert_eq!(h.scaling.max_instances, 4);
         assert_eq!(h.scaling.min_instances, 1);
         assert_eq!(h.scaling.queue_length, 100);
-        assert_eq!(h.routes[0], Route { method: "GET".into(), path: "/hello/{name}".into() });
+        assert_eq!(
+            h.routes[0],
+            Route {
+                method: "GET".into(),
+                path: "/hello/{name}".into()
+            }
+        );
         assert_eq!(h.routes[1].method, "ANY");
         assert_eq!(h.environment["GREETING"], "hi");
     }
@@ -411,10 +494,16 @@ runtime = "provided"
     #[test]
     fn errors_name_file_line_and_fix() {
         let src = "[service]\nname = \"s\"\n\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\ntimeout = 0\n";
-        assert_eq!(err(src), "timeout = 0 at gust.toml:7: must be 1..=900 seconds");
+        assert_eq!(
+            err(src),
+            "timeout = 0 at gust.toml:7: must be 1..=900 seconds"
+        );
 
         let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\nmemory = 64\n";
-        assert_eq!(err(src), "memory = 64 at gust.toml:6: must be 128..=10240 MB");
+        assert_eq!(
+            err(src),
+            "memory = 64 at gust.toml:6: must be 128..=10240 MB"
+        );
 
         let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"ruby\"\nhandler = \"a.b\"\n";
         assert_eq!(
@@ -426,14 +515,18 @@ runtime = "provided"
         let e = err(src);
         assert!(e.starts_with("gust.toml:6: unknown field `timout`"), "{e}");
 
-        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index\"\n";
+        let src =
+            "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index\"\n";
         assert!(err(src).starts_with("handler = \"index\" at gust.toml:5: must be FILE.EXPORT"));
 
         let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\nroutes = [{ path = \"/a/{rest+}/b\" }]\n";
         assert!(err(src).contains("gust.toml:6"), "{}", err(src));
 
         let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n[functions.f.scaling]\nmax_instances = 2\nmin_instances = 3\n";
-        assert_eq!(err(src), "min_instances = 3 at gust.toml:8: must not exceed max_instances (2)");
+        assert_eq!(
+            err(src),
+            "min_instances = 3 at gust.toml:8: must not exceed max_instances (2)"
+        );
 
         let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\nenvironment = { AWS_REGION = \"x\" }\n";
         assert!(err(src).contains("reserved by the platform"));

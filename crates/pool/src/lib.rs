@@ -13,8 +13,9 @@ use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use gust_core::{
-    BoxFuture, DEFAULT_TIMEOUT, Executor, FunctionVersion, INIT_TIMEOUT, InitError, Instance, InstanceOutcome,
-    InstanceRequest, Invocation, InvokeError, InvokeResult, Invoker, LATEST, Outcome, lambda,
+    BoxFuture, DEFAULT_TIMEOUT, Executor, FunctionVersion, INIT_TIMEOUT, InitError, Instance,
+    InstanceOutcome, InstanceRequest, Invocation, InvokeError, InvokeResult, Invoker, LATEST,
+    Outcome, lambda,
 };
 use tokio::sync::{Notify, oneshot};
 
@@ -179,7 +180,11 @@ impl Pool {
             self.spawn_starts(1);
         }
         // A request that caused a cold start may wait for init as well as the queue.
-        let wait = if started { self.queue_timeout + INIT_TIMEOUT } else { self.queue_timeout };
+        let wait = if started {
+            self.queue_timeout + INIT_TIMEOUT
+        } else {
+            self.queue_timeout
+        };
         match tokio::time::timeout(wait, &mut rx).await {
             Ok(Ok(r)) => r.map_err(AcquireError::Init),
             Ok(Err(_)) => Err(AcquireError::Throttled),
@@ -203,7 +208,10 @@ impl Pool {
         }
     }
 
-    pub async fn invoke(self: &Arc<Self>, invocation: Invocation) -> Result<InvokeResult, InvokeError> {
+    pub async fn invoke(
+        self: &Arc<Self>,
+        invocation: Invocation,
+    ) -> Result<InvokeResult, InvokeError> {
         let request_id = uuid::Uuid::new_v4().to_string();
         let tail = invocation.tail_log;
         let inst = match self.acquire().await {
@@ -212,7 +220,10 @@ impl Pool {
                 self.count(|c| c.invocations += 1);
                 return Ok(InvokeResult {
                     request_id,
-                    outcome: Outcome::FunctionError { error_type: e.error_type.clone(), body: e.body },
+                    outcome: Outcome::FunctionError {
+                        error_type: e.error_type.clone(),
+                        body: e.body,
+                    },
                     executed_version: LATEST.into(),
                     log_tail: tail.then(|| format!("{}: {}\n", e.error_type, e.message)),
                 });
@@ -221,18 +232,30 @@ impl Pool {
                 self.count(|c| c.throttles += 1);
                 let s = &self.function.spec.scaling;
                 let why = match e {
-                    AcquireError::QueueTimeout => format!("waited {} s in the queue", s.queue_timeout),
-                    _ => format!("{} instances busy and {} requests queued", s.max_instances, s.queue_length),
+                    AcquireError::QueueTimeout => {
+                        format!("waited {} s in the queue", s.queue_timeout)
+                    }
+                    _ => format!(
+                        "{} instances busy and {} requests queued",
+                        s.max_instances, s.queue_length
+                    ),
                 };
                 return Err(InvokeError::Throttled {
-                    message: format!("Rate Exceeded. Function {} is at its concurrency limit ({why})", self.function.spec.name),
+                    message: format!(
+                        "Rate Exceeded. Function {} is at its concurrency limit ({why})",
+                        self.function.spec.name
+                    ),
                     retry_after_secs: 1,
                 });
             }
         };
         self.count(|c| c.invocations += 1);
         let timeout = self.timeout(&inst);
-        let req = InstanceRequest { request_id: request_id.clone(), invocation, timeout };
+        let req = InstanceRequest {
+            request_id: request_id.clone(),
+            invocation,
+            timeout,
+        };
         // The invocation runs in its own task so that the instance is released even if the
         // caller goes away mid-invocation (axum drops the handler future on disconnect).
         let pool = self.clone();
@@ -241,7 +264,9 @@ impl Pool {
             pool.finish(inst, &outcome);
             outcome
         });
-        let outcome = task.await.map_err(|e| InvokeError::Platform(format!("invocation task failed: {e}")))?;
+        let outcome = task
+            .await
+            .map_err(|e| InvokeError::Platform(format!("invocation task failed: {e}")))?;
         let (outcome, log_tail) = match outcome {
             InstanceOutcome::Done { outcome, log_tail } => (outcome, log_tail),
             InstanceOutcome::TimedOut { log_tail } => (
@@ -252,11 +277,19 @@ impl Pool {
                 log_tail,
             ),
             InstanceOutcome::Crashed { detail, log_tail } => (
-                Outcome::FunctionError { error_type: "Runtime.ExitError".into(), body: lambda::exit_body(&request_id, &detail) },
+                Outcome::FunctionError {
+                    error_type: "Runtime.ExitError".into(),
+                    body: lambda::exit_body(&request_id, &detail),
+                },
                 log_tail,
             ),
         };
-        Ok(InvokeResult { request_id, outcome, executed_version: LATEST.into(), log_tail })
+        Ok(InvokeResult {
+            request_id,
+            outcome,
+            executed_version: LATEST.into(),
+            log_tail,
+        })
     }
 
     fn finish(self: &Arc<Self>, inst: Inst, outcome: &InstanceOutcome) {
@@ -326,7 +359,10 @@ async fn reaper(pool: Weak<Pool>) {
             let now = Instant::now();
             let mut st = p.state();
             let expired = st.reap(now);
-            let sleep = st.next_expiry(now).unwrap_or(Duration::from_secs(3600)).max(Duration::from_millis(50));
+            let sleep = st
+                .next_expiry(now)
+                .unwrap_or(Duration::from_secs(3600))
+                .max(Duration::from_millis(50));
             drop(st);
             let starts = p.state().starts_needed();
             p.spawn_starts(starts);
@@ -369,14 +405,22 @@ impl Pools {
     }
 
     pub fn get(&self, name: &str) -> Option<Arc<Pool>> {
-        self.pools.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+        self.pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
     }
 
     /// Switches new requests to a new version; the old pool drains. Returns the new pool (the
     /// caller starts its minimum instances, before or after the switch).
     pub fn deploy(&self, function: Arc<FunctionVersion>) -> Arc<Pool> {
         let pool = Pool::new(function.clone(), self.executor.clone());
-        let old = self.pools.write().unwrap_or_else(|p| p.into_inner()).insert(function.spec.name.clone(), pool.clone());
+        let old = self
+            .pools
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(function.spec.name.clone(), pool.clone());
         if let Some(old) = old {
             self.retire(old);
         }
@@ -391,14 +435,22 @@ impl Pools {
     /// Makes a prepared pool the live one.
     pub fn activate(&self, pool: Arc<Pool>) {
         let name = pool.function.spec.name.clone();
-        let old = self.pools.write().unwrap_or_else(|p| p.into_inner()).insert(name, pool);
+        let old = self
+            .pools
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, pool);
         if let Some(old) = old {
             self.retire(old);
         }
     }
 
     pub fn remove(&self, name: &str) -> bool {
-        let old = self.pools.write().unwrap_or_else(|p| p.into_inner()).remove(name);
+        let old = self
+            .pools
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(name);
         match old {
             Some(old) => {
                 self.retire(old);
@@ -416,23 +468,41 @@ impl Pools {
     }
 
     pub fn all(&self) -> Vec<Arc<Pool>> {
-        self.pools.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+        self.pools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Graceful shutdown: refuse new work, let in-flight invocations finish (bounded by
     /// `grace`), then stop every instance.
     pub async fn shutdown(&self, grace: Duration) {
-        self.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
-        let live: Vec<Arc<Pool>> = self.pools.write().unwrap_or_else(|p| p.into_inner()).drain().map(|(_, p)| p).collect();
-        let retired: Vec<Arc<Pool>> =
-            self.retired.lock().unwrap_or_else(|p| p.into_inner()).drain(..).filter_map(|w| w.upgrade()).collect();
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let live: Vec<Arc<Pool>> = self
+            .pools
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        let retired: Vec<Arc<Pool>> = self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+            .filter_map(|w| w.upgrade())
+            .collect();
         let all: Vec<Arc<Pool>> = live.into_iter().chain(retired).collect();
         for p in &all {
             p.drain();
         }
         let deadline = Instant::now() + grace;
         for p in &all {
-            p.wait_idle(deadline.saturating_duration_since(Instant::now())).await;
+            p.wait_idle(deadline.saturating_duration_since(Instant::now()))
+                .await;
         }
         // Whatever is still busy past the grace period is killed: the waiting callers get errors.
         for p in &all {
@@ -445,12 +515,21 @@ impl Pools {
 }
 
 impl Invoker for Pools {
-    fn invoke<'a>(&'a self, function: &'a str, invocation: Invocation) -> BoxFuture<'a, Result<InvokeResult, InvokeError>> {
+    fn invoke<'a>(
+        &'a self,
+        function: &'a str,
+        invocation: Invocation,
+    ) -> BoxFuture<'a, Result<InvokeResult, InvokeError>> {
         Box::pin(async move {
-            if self.shutting_down.load(std::sync::atomic::Ordering::Relaxed) {
+            if self
+                .shutting_down
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
                 return Err(InvokeError::ShuttingDown);
             }
-            let pool = self.get(function).ok_or_else(|| InvokeError::NotFound(function.to_string()))?;
+            let pool = self
+                .get(function)
+                .ok_or_else(|| InvokeError::NotFound(function.to_string()))?;
             pool.invoke(invocation).await
         })
     }

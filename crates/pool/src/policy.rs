@@ -146,7 +146,11 @@ impl<I, W> PoolState<I, W> {
     /// invocation that caused the cold start.)
     pub fn start_failed(&mut self) -> Option<W> {
         self.starting -= 1;
-        if self.waiters.len() > self.starting { self.waiters.pop_front().map(|(_, w)| w) } else { None }
+        if self.waiters.len() > self.starting {
+            self.waiters.pop_front().map(|(_, w)| w)
+        } else {
+            None
+        }
     }
 
     /// A busy instance died (timeout, crash) and was discarded.
@@ -208,15 +212,32 @@ mod tests {
     use super::*;
 
     fn limits(max: usize, min: usize, queue: usize) -> Limits {
-        Limits { max_instances: max, min_instances: min, queue_length: queue, idle_timeout: Duration::from_secs(10) }
+        Limits {
+            max_instances: max,
+            min_instances: min,
+            queue_length: queue,
+            idle_timeout: Duration::from_secs(10),
+        }
     }
 
     #[test]
     fn cold_start_then_warm_reuse_mru_first() {
         let t0 = Instant::now();
         let mut p: PoolState<&str, u32> = PoolState::new(limits(2, 0, 0));
-        assert_eq!(p.admit(|| 1), Admit::Queued { ticket: 0, start: true });
-        assert_eq!(p.admit(|| 2), Admit::Queued { ticket: 1, start: true });
+        assert_eq!(
+            p.admit(|| 1),
+            Admit::Queued {
+                ticket: 0,
+                start: true
+            }
+        );
+        assert_eq!(
+            p.admit(|| 2),
+            Admit::Queued {
+                ticket: 1,
+                start: true
+            }
+        );
         assert_eq!(p.started("a", t0), Handoff::ToWaiter(1, "a"));
         assert_eq!(p.started("b", t0), Handoff::ToWaiter(2, "b"));
         assert_eq!(p.release("a", t0), Handoff::Idle);
@@ -247,8 +268,20 @@ mod tests {
     #[test]
     fn cancel_and_init_failure() {
         let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 0, 5));
-        let Admit::Queued { ticket, start: true } = p.admit(|| 1) else { panic!() };
-        let Admit::Queued { ticket: t2, start: false } = p.admit(|| 2) else { panic!() };
+        let Admit::Queued {
+            ticket,
+            start: true,
+        } = p.admit(|| 1)
+        else {
+            panic!()
+        };
+        let Admit::Queued {
+            ticket: t2,
+            start: false,
+        } = p.admit(|| 2)
+        else {
+            panic!()
+        };
         assert_eq!(p.cancel(t2), Some(2));
         assert_eq!(p.cancel(t2), None);
         // The failed start's error goes to the waiter that caused it; nothing is left starting.

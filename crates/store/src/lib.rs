@@ -26,7 +26,10 @@ use sha2::{Digest, Sha256};
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("{context}: {source}")]
-    Io { context: String, source: std::io::Error },
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// The caller asked for something that contradicts the current state.
@@ -114,11 +117,15 @@ impl Store {
     pub fn open(dir: impl Into<PathBuf>) -> Result<Store> {
         let dir = dir.into();
         for sub in ["blobs/sha256", "code", "runtimes"] {
-            fs::create_dir_all(dir.join(sub)).map_err(io(format!("create {}", dir.join(sub).display())))?;
+            fs::create_dir_all(dir.join(sub))
+                .map_err(io(format!("create {}", dir.join(sub).display())))?;
         }
         let conn = open_db(&dir.join("gust.db"))?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { dir, db: Mutex::new(conn) })
+        Ok(Store {
+            dir,
+            db: Mutex::new(conn),
+        })
     }
 
     pub fn dir(&self) -> &Path {
@@ -153,7 +160,8 @@ impl Store {
             .mode(0o600)
             .open(&path)
             .map_err(io(format!("write {}", path.display())))?;
-        f.write_all(token.as_bytes()).map_err(io("write admin token"))?;
+        f.write_all(token.as_bytes())
+            .map_err(io("write admin token"))?;
         Ok((token, true))
     }
 
@@ -162,10 +170,16 @@ impl Store {
     }
 
     fn check_sha(sha: &str) -> Result<()> {
-        if sha.len() == 64 && sha.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()) {
+        if sha.len() == 64
+            && sha
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+        {
             Ok(())
         } else {
-            Err(StoreError::Invalid(format!("{sha:?} is not a lowercase sha256 hex digest")))
+            Err(StoreError::Invalid(format!(
+                "{sha:?} is not a lowercase sha256 hex digest"
+            )))
         }
     }
 
@@ -186,7 +200,9 @@ impl Store {
         if self.has_blob(sha) {
             return Ok(false);
         }
-        let tmp = self.dir.join(format!("blobs/.tmp-{sha}-{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!("blobs/.tmp-{sha}-{}", std::process::id()));
         fs::write(&tmp, bytes).map_err(io("write bundle"))?;
         fs::rename(&tmp, self.blob_path(sha)).map_err(io("store bundle"))?;
         // Unpack now so that a broken archive is the uploader's error, not a later cold start's.
@@ -203,7 +219,9 @@ impl Store {
         }
         let blob = self.blob_path(sha);
         let file = fs::File::open(&blob).map_err(io(format!("open bundle {sha}")))?;
-        let tmp = self.dir.join(format!("code/.tmp-{sha}-{}", std::process::id()));
+        let tmp = self
+            .dir
+            .join(format!("code/.tmp-{sha}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&tmp);
         fs::create_dir_all(&tmp).map_err(io("create code dir"))?;
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
@@ -211,7 +229,9 @@ impl Store {
         if let Err(e) = archive.unpack(&tmp) {
             let _ = fs::remove_dir_all(&tmp);
             let _ = fs::remove_file(&blob);
-            return Err(StoreError::Invalid(format!("code bundle {sha} is not a valid tar.gz: {e}")));
+            return Err(StoreError::Invalid(format!(
+                "code bundle {sha} is not a valid tar.gz: {e}"
+            )));
         }
         match fs::rename(&tmp, &dest) {
             Ok(()) => Ok(dest),
@@ -234,11 +254,15 @@ impl Store {
         functions: &[(FunctionSpec, String)],
     ) -> Result<(Vec<StoredFunction>, Vec<String>)> {
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let now = now_ms();
         for (spec, sha) in functions {
             let owner: Option<String> = tx
-                .query_row("SELECT service FROM functions WHERE name = ?1", [&spec.name], |r| r.get(0))
+                .query_row(
+                    "SELECT service FROM functions WHERE name = ?1",
+                    [&spec.name],
+                    |r| r.get(0),
+                )
                 .optional()?;
             if let Some(owner) = owner.filter(|o| o != service) {
                 return Err(StoreError::Conflict(format!(
@@ -255,17 +279,24 @@ impl Store {
         }
         let old: Vec<String> = {
             let mut st = tx.prepare("SELECT name FROM functions WHERE service = ?1")?;
-            st.query_map([service], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            st.query_map([service], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
         };
-        let removed: Vec<String> =
-            old.into_iter().filter(|n| !functions.iter().any(|(s, _)| &s.name == n)).collect();
+        let removed: Vec<String> = old
+            .into_iter()
+            .filter(|n| !functions.iter().any(|(s, _)| &s.name == n))
+            .collect();
         for name in &removed {
             tx.execute("DELETE FROM functions WHERE name = ?1", [name])?;
         }
         let mut out = Vec::new();
         for (spec, sha) in functions {
             let revision: u64 = tx
-                .query_row("SELECT revision FROM functions WHERE name = ?1", [&spec.name], |r| r.get(0))
+                .query_row(
+                    "SELECT revision FROM functions WHERE name = ?1",
+                    [&spec.name],
+                    |r| r.get(0),
+                )
                 .optional()?
                 .unwrap_or(0)
                 + 1;
@@ -290,7 +321,9 @@ impl Store {
             params![service, manifest, now],
         )?;
         let summary = serde_json::to_string(
-            &out.iter().map(|f| (&f.spec.name, f.revision, &f.code_sha256)).collect::<Vec<_>>(),
+            &out.iter()
+                .map(|f| (&f.spec.name, f.revision, &f.code_sha256))
+                .collect::<Vec<_>>(),
         )
         .expect("summary serialises");
         tx.execute(
@@ -309,7 +342,12 @@ impl Store {
         let (spec, revision, code_sha256, deployed_at_ms) = row;
         let spec = serde_json::from_str(&spec)
             .map_err(|e| StoreError::Invalid(format!("stored function spec is unreadable: {e}")))?;
-        Ok(StoredFunction { spec, revision, code_sha256, deployed_at_ms })
+        Ok(StoredFunction {
+            spec,
+            revision,
+            code_sha256,
+            deployed_at_ms,
+        })
     }
 
     pub fn functions(&self) -> Result<Vec<StoredFunction>> {
@@ -317,7 +355,9 @@ impl Store {
         let mut st = db.prepare(
             "SELECT spec, revision, code_sha256, deployed_at_ms FROM functions ORDER BY service, name",
         )?;
-        let rows = st.query_map([], Self::row_to_function)?.collect::<rusqlite::Result<Vec<_>>>()?;
+        let rows = st
+            .query_map([], Self::row_to_function)?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
         rows.into_iter().map(Self::decode).collect()
     }
 
@@ -342,10 +382,11 @@ impl Store {
     /// Removes a service and its functions; returns the removed function names (None: no such service).
     pub fn remove_service(&self, service: &str) -> Result<Option<Vec<String>>> {
         let mut db = self.db();
-        let tx = db.transaction()?;
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
         let names: Vec<String> = {
             let mut st = tx.prepare("SELECT name FROM functions WHERE service = ?1")?;
-            st.query_map([service], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?
+            st.query_map([service], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?
         };
         let existed = tx.execute("DELETE FROM services WHERE name = ?1", [service])? > 0;
         tx.execute("DELETE FROM functions WHERE service = ?1", [service])?;
@@ -375,15 +416,17 @@ impl Store {
                     "SELECT id, ts_ms, request_id, instance, stream, line FROM logs
                      WHERE function = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
                 )?;
-                st.query_map(params![function, after, limit as i64], map)?.collect::<rusqlite::Result<_>>()?
+                st.query_map(params![function, after, limit as i64], map)?
+                    .collect::<rusqlite::Result<_>>()?
             }
             None => {
                 let mut st = db.prepare(
                     "SELECT id, ts_ms, request_id, instance, stream, line FROM logs
                      WHERE function = ?1 ORDER BY id DESC LIMIT ?2",
                 )?;
-                let mut v: Vec<StoredLog> =
-                    st.query_map(params![function, limit as i64], map)?.collect::<rusqlite::Result<_>>()?;
+                let mut v: Vec<StoredLog> = st
+                    .query_map(params![function, limit as i64], map)?
+                    .collect::<rusqlite::Result<_>>()?;
                 v.reverse();
                 v
             }
@@ -418,7 +461,11 @@ impl LogWriter {
     /// Waits until every line emitted before this call is committed.
     pub fn flush(&self) {
         let (tx, rx) = mpsc::channel();
-        let sent = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(LogMsg::Flush(tx));
+        let sent = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(LogMsg::Flush(tx));
         if sent.is_ok() {
             let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
         }
@@ -427,7 +474,11 @@ impl LogWriter {
 
 impl LogSink for LogWriter {
     fn emit(&self, record: LogRecord) {
-        let _ = self.tx.lock().unwrap_or_else(|p| p.into_inner()).send(LogMsg::Line(record));
+        let _ = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(LogMsg::Line(record));
     }
 }
 
@@ -443,7 +494,7 @@ fn write_logs(mut conn: Connection, rx: mpsc::Receiver<LogMsg>) {
         }
         let mut acks = Vec::new();
         let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction()?;
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             {
                 let mut st = tx.prepare_cached(
                     "INSERT INTO logs (function, ts_ms, request_id, instance, stream, line)
@@ -452,7 +503,14 @@ fn write_logs(mut conn: Connection, rx: mpsc::Receiver<LogMsg>) {
                 for m in batch {
                     match m {
                         LogMsg::Line(r) => {
-                            st.execute(params![r.function, r.ts_ms, r.request_id, r.instance, r.stream, r.line])?;
+                            st.execute(params![
+                                r.function,
+                                r.ts_ms,
+                                r.request_id,
+                                r.instance,
+                                r.stream,
+                                r.line
+                            ])?;
                             since_prune += 1;
                         }
                         LogMsg::Flush(ack) => acks.push(ack),
@@ -497,7 +555,10 @@ mod tests {
     }
 
     fn bundle(files: &[(&str, &str)]) -> (String, Vec<u8>) {
-        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast()));
+        let mut b = tar::Builder::new(flate2::write::GzEncoder::new(
+            Vec::new(),
+            flate2::Compression::fast(),
+        ));
         for (name, body) in files {
             let mut h = tar::Header::new_gnu();
             h.set_size(body.len() as u64);
@@ -515,17 +576,34 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let store = Store::open(&dir).unwrap();
         let (sha, bytes) = bundle(&[("index.js", "exports.handler = async () => 1")]);
-        assert!(matches!(store.put_blob(&"0".repeat(64), &bytes), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            store.put_blob(&"0".repeat(64), &bytes),
+            Err(StoreError::Invalid(_))
+        ));
         assert!(store.put_blob(&sha, &bytes).unwrap());
         assert!(!store.put_blob(&sha, &bytes).unwrap());
         assert!(store.code_dir(&sha).unwrap().join("index.js").is_file());
         let (garbage_sha, garbage) = (hex::encode(Sha256::digest(b"nope")), b"nope".to_vec());
-        assert!(matches!(store.put_blob(&garbage_sha, &garbage), Err(StoreError::Invalid(_))));
+        assert!(matches!(
+            store.put_blob(&garbage_sha, &garbage),
+            Err(StoreError::Invalid(_))
+        ));
         assert!(!store.has_blob(&garbage_sha));
 
-        let (a, removed) = store.deploy_service("s1", "m", &[(spec("f", "s1"), sha.clone()), (spec("g", "s1"), sha.clone())]).unwrap();
+        let (a, removed) = store
+            .deploy_service(
+                "s1",
+                "m",
+                &[
+                    (spec("f", "s1"), sha.clone()),
+                    (spec("g", "s1"), sha.clone()),
+                ],
+            )
+            .unwrap();
         assert_eq!((a[0].revision, removed.len()), (1, 0));
-        let (a, removed) = store.deploy_service("s1", "m", &[(spec("f", "s1"), sha.clone())]).unwrap();
+        let (a, removed) = store
+            .deploy_service("s1", "m", &[(spec("f", "s1"), sha.clone())])
+            .unwrap();
         assert_eq!((a[0].revision, removed), (2, vec!["g".to_string()]));
         assert!(matches!(
             store.deploy_service("s2", "m", &[(spec("f", "s2"), sha.clone())]),
@@ -551,15 +629,26 @@ mod tests {
         let store = Store::open(&dir).unwrap();
         assert_eq!(store.admin_token().unwrap(), (token, false));
         let mode = fs::metadata(dir.join("admin-token")).unwrap().permissions();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777, 0o600);
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&mode) & 0o777,
+            0o600
+        );
         let fs_ = store.functions().unwrap();
         assert_eq!(fs_.len(), 1);
         assert_eq!(fs_[0].revision, 2);
         let logs = store.logs("f", None, 2).unwrap();
-        assert_eq!(logs.iter().map(|l| l.record.line.as_str()).collect::<Vec<_>>(), ["line 1", "line 2"]);
+        assert_eq!(
+            logs.iter()
+                .map(|l| l.record.line.as_str())
+                .collect::<Vec<_>>(),
+            ["line 1", "line 2"]
+        );
         let after = store.logs("f", Some(logs[0].id), 10).unwrap();
         assert_eq!(after.len(), 1);
-        assert_eq!(store.remove_service("s1").unwrap(), Some(vec!["f".to_string()]));
+        assert_eq!(
+            store.remove_service("s1").unwrap(),
+            Some(vec!["f".to_string()])
+        );
         assert_eq!(store.remove_service("s1").unwrap(), None);
         let _ = fs::remove_dir_all(&dir);
     }

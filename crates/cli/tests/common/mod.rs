@@ -1,0 +1,228 @@
+//! Test harness: a real gust server in-process on 127.0.0.1:0 (the same wiring as `gust serve`),
+//! real node/python processes, and helpers to deploy services written into temp dirs.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gust::client::{Client, Reply};
+use gust::server::{self, Server, ServerConfig};
+use http::Method;
+use serde_json::Value;
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// A directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!(
+            "gust-test-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub client: Client,
+    pub anon: Client,
+    pub data: TempDir,
+    pub dirs: Vec<TempDir>,
+}
+
+pub fn examples_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        // RUST_LOG=debug shows the server's log for a failing test.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+        let data = TempDir::new("data");
+        let server = start_on(data.path()).await;
+        let client = Client::new(&server.url(), Some(server.token.clone()));
+        let anon = Client::new(&server.url(), None);
+        TestServer {
+            server: Some(server),
+            client,
+            anon,
+            data,
+            dirs: Vec::new(),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.as_ref().unwrap().url()
+    }
+
+    /// Stops the server and starts a new one on the same data dir.
+    pub async fn restart(&mut self) {
+        self.server.take().unwrap().stop().await;
+        let server = start_on(self.data.path()).await;
+        self.client = Client::new(&server.url(), Some(server.token.clone()));
+        self.anon = Client::new(&server.url(), None);
+        self.server = Some(server);
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.stop().await;
+        }
+    }
+
+    /// Writes a service (gust.toml + files) into a temp dir and deploys it.
+    pub async fn deploy(&mut self, manifest: &str, files: &[(&str, &str)]) -> Value {
+        let dir = write_service(manifest, files);
+        let r = gust::client::deploy(&self.client, dir.path(), |_| {})
+            .await
+            .expect("deploy");
+        self.dirs.push(dir);
+        r
+    }
+
+    pub async fn deploy_dir(&self, dir: &Path) -> anyhow::Result<Value> {
+        gust::client::deploy(&self.client, dir, |_| {}).await
+    }
+
+    pub async fn invoke(&self, name: &str, payload: &str) -> Reply {
+        self.invoke_with(name, payload, &[]).await
+    }
+
+    pub async fn invoke_with(&self, name: &str, payload: &str, headers: &[(&str, &str)]) -> Reply {
+        self.anon
+            .request(
+                Method::POST,
+                &format!("/2015-03-31/functions/{name}/invocations"),
+                headers,
+                Bytes::from(payload.to_string()),
+            )
+            .await
+            .expect("invoke request")
+    }
+
+    /// Invokes and parses the JSON body, asserting success without a function error.
+    pub async fn invoke_ok(&self, name: &str, payload: &str) -> Value {
+        let r = self.invoke(name, payload).await;
+        assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+        assert!(
+            r.headers.get("x-amz-function-error").is_none(),
+            "function error: {}",
+            String::from_utf8_lossy(&r.body)
+        );
+        serde_json::from_slice(&r.body).expect("JSON body")
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        self.anon
+            .request(Method::GET, path, &[], Bytes::new())
+            .await
+            .expect("GET")
+    }
+
+    pub async fn describe(&self, name: &str) -> Value {
+        self.client
+            .admin(Method::GET, &format!("/functions/{name}"), Bytes::new())
+            .await
+            .expect("describe")
+    }
+
+    /// Polls `describe` until `pred` holds or the deadline passes; returns the last snapshot.
+    pub async fn wait_for(
+        &self,
+        name: &str,
+        limit: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let deadline = Instant::now() + limit;
+        loop {
+            let v = self.describe(name).await;
+            if pred(&v) || Instant::now() >= deadline {
+                return v;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn logs(&self, name: &str) -> Vec<Value> {
+        let v = self
+            .client
+            .admin(
+                Method::GET,
+                &format!("/functions/{name}/logs?limit=1000"),
+                Bytes::new(),
+            )
+            .await
+            .unwrap();
+        v["logs"].as_array().cloned().unwrap_or_default()
+    }
+}
+
+async fn start_on(dir: &Path) -> Server {
+    server::start(ServerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.to_path_buf(),
+        shutdown_grace: Duration::from_secs(10),
+    })
+    .await
+    .expect("server starts")
+}
+
+pub fn write_service(manifest: &str, files: &[(&str, &str)]) -> TempDir {
+    let dir = TempDir::new("svc");
+    std::fs::write(dir.path().join("gust.toml"), manifest).unwrap();
+    for (name, body) in files {
+        let p = dir.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, body).unwrap();
+        if *name == "bootstrap" || name.ends_with(".sh") {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+    }
+    dir
+}
+
+pub fn body_json(r: &Reply) -> Value {
+    serde_json::from_slice(&r.body)
+        .unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(&r.body)))
+}
+
+pub fn pid_alive(pid: i64) -> bool {
+    // Zombies are not alive; /proc/PID/stat field 3 is the state.
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// A manifest for one function with extra lines in its table.
+pub fn manifest(service: &str, name: &str, runtime: &str, handler: &str, extra: &str) -> String {
+    format!(
+        "[service]\nname = \"{service}\"\n\n[functions.{name}]\nruntime = \"{runtime}\"\nhandler = \"{handler}\"\n{extra}\n"
+    )
+}
