@@ -1038,6 +1038,9 @@ async function main() {
     await client.request(errorRequest(`${API}/init/error`, info));
     process.exit(1);
   }
+  // A crash report (e.g. a timer started by module code threw) may be in flight:
+  // it exits the process, do not ask for work meanwhile.
+  if (crashing) return;
   initDone = true;
 
   let next = await client.request(NEXT_REQUEST);

@@ -22,14 +22,16 @@ Why a hand-written HTTP client instead of http.client: the Runtime API is a
 fixed, tiny protocol spoken to one trusted local server, and its two round
 trips are pure overhead on every invocation. http.client parses every
 response's headers through email.parser and reads through a buffered file
-object. Measured against a C mock Runtime API (16 B echo event, 2-vCPU
-Firecracker VM), the raw client sustained ~2,500-3,300 sequential
-invokes/s versus ~1,800-2,200 for http.client, and used ~75 us of user CPU
-per invoke versus ~345 us. A bare Python GET+POST ping-pong with no parsing
-at all managed ~3,300-4,700/s on the same box, so what remains is mostly
-the kernel's loopback round trips. HTTP pipelining (POST /response and GET
-/next in one write) was also tried: it was not faster and it would rely on
-the server handling pipelined requests, so it is not used.
+object. Measured against a C mock Runtime API (16 B echo event, a shared
+2-vCPU Firecracker VM, so the absolute numbers are noisy), the raw client
+sustained ~2,400-8,600 sequential invokes/s versus ~1,000-2,700 for
+http.client in interleaved runs, and burned ~70-90 us of user CPU per
+invoke versus ~300-370 us. Run back to back with it, a bare Python GET+POST
+ping-pong with no parsing at all was only slightly faster than the raw
+client, so the rest is the kernel's loopback round trips. HTTP pipelining
+(POST /response and GET /next in one write) was also tried. It was not
+faster, and it depends on the server handling pipelined requests, so it is
+not used.
 """
 
 import json

@@ -102,6 +102,8 @@ CREATE TABLE IF NOT EXISTS logs (
 CREATE INDEX IF NOT EXISTS logs_by_function ON logs(function, id);
 ";
 
+/// How long the log writer lets lines gather before a batch insert.
+const BATCH_WAIT_MS: u64 = 20;
 /// How many log lines are kept in all; older ones are pruned by the writer.
 const LOG_RETENTION: i64 = 200_000;
 
@@ -444,7 +446,7 @@ impl Store {
             .name("gust-log-writer".into())
             .spawn(move || write_logs(conn, rx))
             .map_err(io("spawn log writer"))?;
-        Ok(Arc::new(LogWriter { tx: Mutex::new(tx) }))
+        Ok(Arc::new(LogWriter { tx }))
     }
 }
 
@@ -454,18 +456,14 @@ enum LogMsg {
 }
 
 pub struct LogWriter {
-    tx: Mutex<mpsc::Sender<LogMsg>>,
+    tx: mpsc::Sender<LogMsg>,
 }
 
 impl LogWriter {
     /// Waits until every line emitted before this call is committed.
     pub fn flush(&self) {
         let (tx, rx) = mpsc::channel();
-        let sent = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(LogMsg::Flush(tx));
+        let sent = self.tx.send(LogMsg::Flush(tx));
         if sent.is_ok() {
             let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
         }
@@ -474,19 +472,20 @@ impl LogWriter {
 
 impl LogSink for LogWriter {
     fn emit(&self, record: LogRecord) {
-        let _ = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(LogMsg::Line(record));
+        let _ = self.tx.send(LogMsg::Line(record));
     }
 }
 
 fn write_logs(mut conn: Connection, rx: mpsc::Receiver<LogMsg>) {
     let mut since_prune = 0usize;
     while let Ok(first) = rx.recv() {
+        // Let a batch gather: while this thread sleeps, senders find no waiting receiver and
+        // skip the futex wake, so the invocation path pays a queue push, not a context switch.
+        if !matches!(first, LogMsg::Flush(_)) {
+            std::thread::sleep(std::time::Duration::from_millis(BATCH_WAIT_MS));
+        }
         let mut batch = vec![first];
-        while batch.len() < 2048 {
+        while batch.len() < 8192 {
             match rx.try_recv() {
                 Ok(m) => batch.push(m),
                 Err(_) => break,

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""Cold start through gust against the bare interpreter start, in the same run.
+
+Cold start = wall time of one request to a function with no instance (its instances are stopped
+through the admin API's recycle call first): process spawn, runtime init, module load, the
+invocation and the HTTP round trip. Baseline = wall time of `node -e 0` / `python3 -c 0` from
+launch to exit, with a clean environment. Usage: coldstart.py URL TOKEN N
+"""
+import http.client, json, statistics, subprocess, sys, time, urllib.parse
+
+url, token, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+host = urllib.parse.urlparse(url).netloc
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def request(method, path, headers=None):
+    c = http.client.HTTPConnection(host)
+    c.request(method, path, headers=headers or {})
+    r = c.getresponse()
+    body = r.read()
+    c.close()
+    return r.status, body
+
+
+def gust_cold(fn):
+    out = []
+    for _ in range(n):
+        s, b = request("POST", f"/_gust/v1/functions/{fn}/recycle", {"authorization": f"Bearer {token}"})
+        assert s == 200, b
+        t = time.perf_counter()
+        s, b = request("GET", f"/fn/{fn}")
+        out.append((time.perf_counter() - t) * 1000)
+        assert s == 200, (s, b)
+    return out
+
+
+def bare(cmd):
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        subprocess.run(cmd, env={"PATH": "/usr/local/bin:/usr/bin:/bin"}, check=True)
+        out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+rows = []
+for runtime, fn, cmd in [("node", "hello-node", ["node", "-e", "0"]), ("python", "hello-python", ["python3", "-c", "0"])]:
+    bare_ms = bare(cmd)
+    cold_ms = gust_cold(fn)
+    rows.append({
+        "runtime": runtime,
+        "bare_p50": statistics.median(bare_ms), "bare_p99": pct(bare_ms, 99),
+        "gust_p50": statistics.median(cold_ms), "gust_p99": pct(cold_ms, 99),
+    })
+print("| runtime | bare start p50 / p99 (ms) | gust cold start p50 / p99 (ms) | added p50 (ms) | target |")
+print("|---|---|---|---|---|")
+for r in rows:
+    added = r["gust_p50"] - r["bare_p50"]
+    print(f"| {r['runtime']} | {r['bare_p50']:.1f} / {r['bare_p99']:.1f} | {r['gust_p50']:.1f} / {r['gust_p99']:.1f} "
+          f"| {added:+.1f} | within 20 ms: {'met' if added <= 20 else 'missed'} |")
