@@ -1,0 +1,156 @@
+//! The real `gust` binary: `serve` as a child process, the client commands against it, and a
+//! SIGTERM that must stop everything.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{TempDir, pid_alive};
+use serde_json::Value;
+
+const GUST: &str = env!("CARGO_BIN_EXE_gust");
+
+fn gust(data: &TempDir, server: &str, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(GUST)
+        .args(args)
+        .env("GUST_SERVER", server)
+        .env("GUST_DATA_DIR", data.path())
+        .env_remove("GUST_TOKEN")
+        .current_dir(data.path())
+        .output()
+        .expect("run gust");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn cli_round_trip_and_sigterm() {
+    let data = TempDir::new("cli");
+    let mut server = Command::new(GUST)
+        .args(["serve", "--listen", "127.0.0.1:0"])
+        .env("GUST_DATA_DIR", data.path())
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let mut url = None;
+    let mut token_shown = false;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        token_shown |= line.contains("admin token (shown once");
+        if let Some(u) = line.strip_prefix("gust is listening on ") {
+            url = Some(u.to_string());
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let url = url.expect("server printed its URL");
+    assert!(token_shown, "the token is shown on first start");
+
+    // Without the token, client commands say what to do.
+    let (ok, _, err) = gust(&data, &url, &["--token", "wrong", "ls"]);
+    assert!(!ok && err.contains("refused the admin token"), "{err}");
+
+    let (ok, out, err) = gust(&data, &url, &["init", "hello", "--runtime", "python"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("created hello/"));
+    let (ok, _, err) = gust(&data, &url, &["init", "hello"]);
+    assert!(!ok && err.contains("already exists"));
+
+    let (ok, out, err) = gust(&data, &url, &["deploy", "hello"]);
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("packing hello")
+            && err.contains("uploading")
+            && err.contains("deploying service hello"),
+        "{err}"
+    );
+    assert!(out.contains(&format!("{url}/fn/hello")), "{out}");
+
+    let (ok, out, err) = gust(
+        &data,
+        &url,
+        &["invoke", "hello", "--data", r#"{"a":1}"#, "--log"],
+    );
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["statusCode"], 200);
+    assert!(
+        err.contains("START RequestId:") && err.contains("REPORT RequestId:"),
+        "{err}"
+    );
+
+    let (ok, _, err) = gust(&data, &url, &["invoke", "hello", "--data", "not json"]);
+    assert!(!ok && err.contains("payload is not JSON"));
+    let (ok, _, err) = gust(&data, &url, &["invoke", "nope"]);
+    assert!(!ok && err.contains("ResourceNotFoundException"), "{err}");
+
+    let (ok, out, _) = gust(&data, &url, &["--json", "ls"]);
+    assert!(ok);
+    let fs: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(fs[0]["name"], "hello");
+    assert_eq!(fs[0]["instances"]["idle"], 1);
+    let (ok, out, _) = gust(&data, &url, &["describe", "hello"]);
+    assert!(
+        ok && out.contains("runtime:     python") && out.contains("1 invocations"),
+        "{out}"
+    );
+    let (ok, out, _) = gust(&data, &url, &["logs", "hello"]);
+    assert!(ok && out.contains("REPORT RequestId"), "{out}");
+
+    let (ok, out, _) = gust(&data, &url, &["rm", "hello"]);
+    assert!(ok && out.contains("removed hello"), "{out}");
+    let (ok, _, err) = gust(&data, &url, &["rm", "hello"]);
+    assert!(!ok && err.contains("not deployed"));
+    let (ok, _, _) = gust(&data, &url, &["deploy", "hello"]);
+    assert!(ok);
+    let (ok, out, _) = gust(&data, &url, &["rm", "--service", "hello"]);
+    assert!(ok && out.contains("removed hello"), "{out}");
+    let (ok, _, _) = gust(&data, &url, &["deploy", "hello"]);
+    assert!(ok);
+    let (ok, _, _) = gust(&data, &url, &["invoke", "hello"]);
+    assert!(ok);
+
+    // An instance process exists now; SIGTERM must stop the server and it.
+    let instance_pids: Vec<i64> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i64>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    s.split_whitespace()
+                        .nth(3)
+                        .map(|pp| pp == server.id().to_string())
+                })
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(
+        !instance_pids.is_empty(),
+        "the server has instance children"
+    );
+    // SIGTERM through the kill command.
+    Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = server.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "server did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    for pid in instance_pids {
+        assert!(!pid_alive(pid), "instance {pid} outlived the server");
+    }
+}
