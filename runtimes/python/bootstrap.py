@@ -124,9 +124,12 @@ class RuntimeAPIClient:
     RIE, may not accept chunked uploads on buffered endpoints).
     """
 
-    __slots__ = ("_addr", "_host_line", "_sock", "_buf", "_next_request")
+    __slots__ = ("_addr", "_unix", "_host_line", "_sock", "_buf", "_next_request")
 
-    def __init__(self, address):
+    def __init__(self, address, unix_path=None):
+        # gust's built-in runtimes get the same API on a Unix socket too
+        # (GUST_RUNTIME_API_SOCKET): cheaper than loopback TCP on every request.
+        self._unix = unix_path
         host, sep, port = address.rpartition(":")
         if not sep or not port.isdigit():
             # aws-lambda-cpp's fallback when the port is missing.
@@ -145,6 +148,16 @@ class RuntimeAPIClient:
     # -- connection management ---------------------------------------------
 
     def _connect(self):
+        if self._unix:
+            sock = _sock.socket(_sock.AF_UNIX, _sock.SOCK_STREAM)
+            try:
+                sock.connect(self._unix)
+            except OSError:
+                sock.close()
+                raise
+            self._sock = sock
+            self._buf = b""
+            return
         # socket.create_connection() equivalent on the bare C socket type.
         host, port = self._addr
         error = None
@@ -981,6 +994,21 @@ def _setup_sys_path():
                 del sys.path[0]
         except OSError:
             pass
+    # gust starts the interpreter with -S: processing site-packages' .pth files
+    # costs tens of ms per cold start on many hosts (pyenv, venvs with
+    # editable installs). The installed packages stay importable: their
+    # directories are appended here, after the code directory and the stdlib,
+    # without running .pth files (Lambda functions bundle their own deps).
+    if sys.flags.no_site:
+        import site
+
+        extra = list(site.getsitepackages())
+        user = site.getusersitepackages()
+        if isinstance(user, str):
+            extra.append(user)
+        for d in extra:
+            if d not in sys.path and os.path.isdir(d):
+                sys.path.append(d)
     task_root = os.environ.get("LAMBDA_TASK_ROOT") or os.getcwd()
     if task_root in sys.path:
         sys.path.remove(task_root)
@@ -992,7 +1020,9 @@ def main():
     _load_static_context()
     _setup_logging()
 
-    client = RuntimeAPIClient(os.environ.get("AWS_LAMBDA_RUNTIME_API") or "127.0.0.1:9001")
+    # Removed from the environment so the function's code never sees it.
+    unix_path = os.environ.pop("GUST_RUNTIME_API_SOCKET", None)
+    client = RuntimeAPIClient(os.environ.get("AWS_LAMBDA_RUNTIME_API") or "127.0.0.1:9001", unix_path)
 
     # awslambdaric takes the handler from argv[1]; accept that too.
     spec = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else os.environ.get("_HANDLER", "")

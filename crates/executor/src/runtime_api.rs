@@ -15,7 +15,7 @@ use gust_core::{InitError, MAX_PAYLOAD, Outcome};
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::{mpsc, oneshot};
 
 /// An invocation on its way to the runtime.
@@ -112,25 +112,43 @@ impl RuntimeApi {
         }
     }
 
-    /// Accepts runtime connections until the task is aborted (when the instance stops).
-    pub(crate) async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts runtime connections on TCP (and, for the built-in runtimes, a Unix socket)
+    /// until the task is aborted (when the instance stops).
+    pub(crate) async fn serve(self: Arc<Self>, tcp: TcpListener, unix: Option<UnixListener>) {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let _ = stream.set_nodelay(true);
-            let api = self.clone();
-            tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
-                    let api = api.clone();
-                    async move { Ok::<_, Infallible>(api.handle(req).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .keep_alive(true)
-                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
-                    .await;
-            });
+            tokio::select! {
+                Ok((stream, _)) = tcp.accept() => {
+                    let _ = stream.set_nodelay(true);
+                    tokio::spawn(self.clone().serve_conn(stream));
+                }
+                Some(Ok((stream, _))) = async {
+                    match &unix {
+                        Some(u) => Some(u.accept().await),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    tokio::spawn(self.clone().serve_conn(stream));
+                }
+            }
         }
+    }
+
+    async fn serve_conn<IO>(self: Arc<Self>, io: IO)
+    where
+        IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let api = self;
+        let svc = hyper::service::service_fn(move |req| {
+            let api = api.clone();
+            async move { Ok::<_, Infallible>(api.handle(req).await) }
+        });
+        let _ = hyper::server::conn::http1::Builder::new()
+            .keep_alive(true)
+            // The built-in bootstraps pipeline `POST …/response` with the next
+            // `GET /next`: let hyper write the 202 together with what follows.
+            .pipeline_flush(true)
+            .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+            .await;
     }
 
     async fn handle(&self, req: Request<Incoming>) -> Resp {

@@ -170,7 +170,11 @@ impl Pool {
 
     async fn acquire(self: &Arc<Self>) -> Result<Inst, AcquireError> {
         let (tx, mut rx) = oneshot::channel();
-        let admit = self.state().admit(|| tx);
+        let (admit, init_pending) = {
+            let mut st = self.state();
+            let admit = st.admit(|| tx);
+            (admit, st.starting_count() > 0)
+        };
         let (ticket, started) = match admit {
             Admit::Run(inst) => return Ok(inst),
             Admit::Throttled => return Err(AcquireError::Throttled),
@@ -179,8 +183,8 @@ impl Pool {
         if started {
             self.spawn_starts(1);
         }
-        // A request that caused a cold start may wait for init as well as the queue.
-        let wait = if started {
+        // While instances are starting, a request may wait for their init as well as the queue.
+        let wait = if init_pending {
             self.queue_timeout + INIT_TIMEOUT
         } else {
             self.queue_timeout

@@ -89,10 +89,12 @@ impl<I, W> PoolState<I, W> {
             self.busy += 1;
             return Admit::Run(inst);
         }
-        let start = !self.draining && self.total() < self.limits.max_instances;
-        // Waiters covered by instances already starting don't count against the queue length.
-        let excess = self.waiters.len().saturating_sub(self.starting);
-        if !start && excess >= self.limits.queue_length {
+        // A waiter is covered when an instance already starting will be free for it (released
+        // instances go to waiters first, so starts can outnumber waiters during a ramp-up);
+        // only an uncovered waiter starts another instance or takes a queue slot.
+        let covered = self.waiters.len() < self.starting;
+        let start = !covered && !self.draining && self.total() < self.limits.max_instances;
+        if !covered && !start && self.waiters.len() - self.starting >= self.limits.queue_length {
             return Admit::Throttled;
         }
         if start {
@@ -263,6 +265,29 @@ mod tests {
         // FIFO: the freed instance goes to the oldest waiter.
         assert_eq!(p.release(10, t0), Handoff::ToWaiter(3, 10));
         assert_eq!(p.total(), 2);
+    }
+
+    #[test]
+    fn ramp_up_does_not_start_more_than_it_needs() {
+        let t0 = Instant::now();
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(8, 0, 0));
+        assert!(matches!(p.admit(|| 1), Admit::Queued { start: true, .. }));
+        assert!(matches!(p.admit(|| 2), Admit::Queued { start: true, .. }));
+        assert_eq!(p.started(10, t0), Handoff::ToWaiter(1, 10));
+        // The first caller is done before the second instance is up: the freed instance goes
+        // to the second caller, and a new request is covered by the instance still starting.
+        assert_eq!(p.release(10, t0), Handoff::ToWaiter(2, 10));
+        assert_eq!(
+            p.admit(|| 3),
+            Admit::Queued {
+                ticket: 2,
+                start: false
+            }
+        );
+        assert_eq!(p.started(11, t0), Handoff::ToWaiter(3, 11));
+        assert_eq!(p.total(), 2);
+        // Once no start covers it, a request starts one again (queue length 0 is no obstacle).
+        assert!(matches!(p.admit(|| 4), Admit::Queued { start: true, .. }));
     }
 
     #[test]
