@@ -4,7 +4,9 @@
 Cold start = wall time of one request to a function with no instance (its instances are stopped
 through the admin API's recycle call first): process spawn, runtime init, module load, the
 invocation and the HTTP round trip. Baseline = wall time of `node -e 0` / `python3 -c 0` from
-launch to exit, with a clean environment. Usage: coldstart.py URL TOKEN N
+launch to exit, with a clean environment, run with the same interpreter binaries gust resolves
+(version-manager shims such as pyenv's are resolved to the real binary, as gust does).
+Usage: coldstart.py URL TOKEN N
 """
 import http.client, json, statistics, subprocess, sys, time, urllib.parse
 
@@ -47,8 +49,15 @@ def bare(cmd):
     return out
 
 
+def real(cmd, code):
+    return subprocess.run([cmd, "-c" if cmd.startswith("python") else "-e", code],
+                          capture_output=True, text=True, check=True).stdout
+
+
+node = real("node", "process.stdout.write(process.execPath)")
+python = real("python3", "import sys; sys.stdout.write(sys.executable)")
 rows = []
-for runtime, fn, cmd in [("node", "hello-node", ["node", "-e", "0"]), ("python", "hello-python", ["python3", "-c", "0"])]:
+for runtime, fn, cmd in [("node", "hello-node", [node, "-e", "0"]), ("python", "hello-python", [python, "-c", "0"])]:
     bare_ms = bare(cmd)
     cold_ms = gust_cold(fn)
     rows.append({
@@ -56,6 +65,7 @@ for runtime, fn, cmd in [("node", "hello-node", ["node", "-e", "0"]), ("python",
         "bare_p50": statistics.median(bare_ms), "bare_p99": pct(bare_ms, 99),
         "gust_p50": statistics.median(cold_ms), "gust_p99": pct(cold_ms, 99),
     })
+print(f"Interpreters: {node}, {python}\n")
 print("| runtime | bare start p50 / p99 (ms) | gust cold start p50 / p99 (ms) | added p50 (ms) | target |")
 print("|---|---|---|---|---|")
 for r in rows:
