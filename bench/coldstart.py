@@ -57,18 +57,27 @@ def real(cmd, code):
 node = real("node", "process.stdout.write(process.execPath)")
 python = real("python3", "import sys; sys.stdout.write(sys.executable)")
 rows = []
-for runtime, fn, cmd in [("node", "hello-node", [node, "-e", "0"]), ("python", "hello-python", [python, "-c", "0"])]:
+# gust starts Python with -S (see runtimes/python/bootstrap.py), so the stricter baseline for
+# Python is `python3 -S -c 0`; the plain `python3 -c 0` is shown beside it.
+cases = [
+    ("node", "hello-node", [node, "-e", "0"], None),
+    ("python", "hello-python", [python, "-S", "-c", "0"], [python, "-c", "0"]),
+]
+for runtime, fn, cmd, also in cases:
     bare_ms = bare(cmd)
+    also_ms = bare(also) if also else None
     cold_ms = gust_cold(fn)
     rows.append({
-        "runtime": runtime,
+        "runtime": runtime, "cmd": " ".join(["node" if runtime == "node" else "python3"] + cmd[1:]),
         "bare_p50": statistics.median(bare_ms), "bare_p99": pct(bare_ms, 99),
+        "also": f"{statistics.median(also_ms):.1f} (`python3 -c 0`)" if also_ms else "",
         "gust_p50": statistics.median(cold_ms), "gust_p99": pct(cold_ms, 99),
     })
 print(f"Interpreters: {node}, {python}\n")
-print("| runtime | bare start p50 / p99 (ms) | gust cold start p50 / p99 (ms) | added p50 (ms) | target |")
-print("|---|---|---|---|---|")
+print("| runtime | baseline | bare start p50 / p99 (ms) | gust cold start p50 / p99 (ms) | added p50 (ms) | target (within 20 ms) |")
+print("|---|---|---|---|---|---|")
 for r in rows:
     added = r["gust_p50"] - r["bare_p50"]
-    print(f"| {r['runtime']} | {r['bare_p50']:.1f} / {r['bare_p99']:.1f} | {r['gust_p50']:.1f} / {r['gust_p99']:.1f} "
-          f"| {added:+.1f} | within 20 ms: {'met' if added <= 20 else 'missed'} |")
+    also = f"; {r['also']}" if r["also"] else ""
+    print(f"| {r['runtime']} | `{r['cmd']}` | {r['bare_p50']:.1f} / {r['bare_p99']:.1f}{also} "
+          f"| {r['gust_p50']:.1f} / {r['gust_p99']:.1f} | {added:+.1f} | {'met' if added <= 20 else 'missed'} |")

@@ -45,6 +45,16 @@ measure() { # url conns
     /Non-2xx/ {err=$NF}
     END {printf "%s %s %s %s\n", p50, p99, rps, (err==""?0:err)}'
 }
+# CPU ticks (utime+stime) of a process and its children that are still running.
+ticks() { # pid...
+  local t=0
+  for p in "$@"; do
+    for q in $p $(pgrep -P "$p" || true); do
+      t=$(( t + $(awk '{print $14+$15}' /proc/$q/stat 2>/dev/null || echo 0) ))
+    done
+  done
+  echo $t
+}
 to_ms() { # wrk units (us, ms, s) -> ms
   python3 -c "import sys,re; v=sys.argv[1]; m=re.match(r'([0-9.]+)(us|ms|s)',v); n=float(m.group(1)); print(round(n/1000 if m.group(2)=='us' else n*1000 if m.group(2)=='s' else n,3))" "$1"
 }
@@ -52,20 +62,29 @@ to_ms() { # wrk units (us, ms, s) -> ms
 # Warm both up (start instances up to the concurrency used).
 wrk -t2 -c32 -d2s "http://127.0.0.1:$PORT/fn/hello-node" >/dev/null
 wrk -t2 -c32 -d1s "http://127.0.0.1:$BARE_PORT/" >/dev/null
+GUST_T=$(ticks "$GUST_PID")
 
 echo
 echo "### Warm requests, hello handler (wrk, ${DUR}s per run)"
 echo
-echo "| conns | bare Node p50 / p99 (ms) | bare req/s | gust p50 / p99 (ms) | gust req/s | gust/bare throughput | gust added p50 (ms) |"
-echo "|---|---|---|---|---|---|---|"
+echo "| conns | bare Node p50 / p99 (ms) | bare req/s | gust p50 / p99 (ms) | gust req/s | gust/bare throughput | gust added p50 (ms) | CPU µs/req bare / gust+instances |"
+echo "|---|---|---|---|---|---|---|---|"
+HZ=$(getconf CLK_TCK)
 for c in 1 8 32; do
+  t0=$(ticks "$BARE_PID")
   read -r bp50 bp99 brps _ < <(measure "http://127.0.0.1:$BARE_PORT/" "$c")
+  t1=$(ticks "$BARE_PID")
   read -r gp50 gp99 grps gerr < <(measure "http://127.0.0.1:$PORT/fn/hello-node" "$c")
+  t2=$(ticks "$GUST_PID")
+  # gust's own CPU is read after the run too: instances may have started during it.
+  g0=$GUST_T
+  GUST_T=$t2
+  cpu=$(python3 -c "print(f'{($t1-$t0)/$HZ*1e6/($brps*$DUR):.0f} / {($t2-$g0)/$HZ*1e6/($grps*$DUR):.0f}')")
   bp50=$(to_ms "$bp50"); bp99=$(to_ms "$bp99"); gp50=$(to_ms "$gp50"); gp99=$(to_ms "$gp99")
   ratio=$(python3 -c "print(f'{float(\"$grps\")/float(\"$brps\"):.2f}x')")
   added=$(python3 -c "print(f'{$gp50-$bp50:+.3f}')")
   [ "$gerr" != "0" ] && echo "WARNING: $gerr non-2xx responses from gust at c=$c" >&2
-  echo "| $c | $bp50 / $bp99 | $brps | $gp50 / $gp99 | $grps | $ratio | $added |"
+  echo "| $c | $bp50 / $bp99 | $brps | $gp50 / $gp99 | $grps | $ratio | $added | $cpu |"
 done
 echo
 echo "Targets: cold start within 20 ms of the bare start; added warm p50 <= 0.3 ms; c=8 throughput >= 0.6x bare."
