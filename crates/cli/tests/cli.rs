@@ -159,7 +159,8 @@ fn cli_round_trip_and_sigterm() {
 fn dev_serves_and_deploys_in_one_step() {
     use std::io::{Read, Write};
     let data = TempDir::new("dev");
-    let example = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello-node");
+    let example =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello-node");
     let mut dev = Command::new(GUST)
         .args(["dev", example.to_str().unwrap(), "--listen", "127.0.0.1:0"])
         .env("GUST_DATA_DIR", data.path())
@@ -178,15 +179,26 @@ fn dev_serves_and_deploys_in_one_step() {
         }
     }
     let url = url.expect("gust dev printed a curl line");
-    let addr = url.trim_start_matches("http://").split('/').next().unwrap().to_string();
+    let addr = url
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
     let path = &url[url.find(&addr).unwrap() + addr.len()..];
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
     let mut resp = String::new();
     s.read_to_string(&mut resp).unwrap();
-    assert!(resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(
+        resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
+        "{resp}"
+    );
     assert!(resp.contains("Hello, world!"), "{resp}");
-    Command::new("kill").args(["-INT", &dev.id().to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-INT", &dev.id().to_string()])
+        .status()
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(15);
     while dev.try_wait().unwrap().is_none() {
         assert!(Instant::now() < deadline, "gust dev did not stop on ctrl-c");

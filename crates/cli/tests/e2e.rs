@@ -1010,3 +1010,50 @@ e2e!(restart_keeps_functions_and_shutdown_leaves_nothing, async {
         "no orphan runtime after shutdown"
     );
 });
+
+e2e!(a_caller_that_gives_up_frees_its_queue_slot, async {
+    let mut ts = TestServer::start().await;
+    let extra = "timeout = 10\n[functions.gone.scaling]\nmax_instances = 1\nqueue_length = 1\nqueue_timeout = 10";
+    ts.deploy(&probe_manifest("gone", extra), &[("index.js", PROBE)])
+        .await;
+    ts.invoke_ok("gone", "{}").await;
+    let ts = Arc::new(ts);
+    let t2 = ts.clone();
+    let long = tokio::spawn(async move { t2.invoke("gone", r#"{"sleep_ms":4000}"#).await });
+    ts.wait_for("gone", Duration::from_secs(5), |d| {
+        d["instances"]["busy"] == 1
+    })
+    .await;
+    // A caller queues, then hangs up while the long call still runs.
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), ts.invoke("gone", "{}")).await;
+    assert!(gave_up.is_err(), "the queued call was still waiting");
+    let d = ts
+        .wait_for("gone", Duration::from_secs(1), |d| {
+            d["instances"]["waiting"] == 0
+        })
+        .await;
+    assert_eq!(
+        d["instances"]["waiting"], 0,
+        "the abandoned waiter left the queue at once"
+    );
+    // Its slot is free: the next caller queues instead of getting a 429, and is served after.
+    let t3 = ts.clone();
+    let next = tokio::spawn(async move { t3.invoke("gone", "{}").await });
+    let d = ts
+        .wait_for("gone", Duration::from_secs(2), |d| {
+            d["instances"]["waiting"] == 1
+        })
+        .await;
+    assert_eq!(d["instances"]["waiting"], 1);
+    assert_eq!(d["instances"]["busy"], 1, "the long call is still running");
+    assert_eq!(next.await.unwrap().status, 200);
+    assert_eq!(long.await.unwrap().status, 200);
+    let d = ts.describe("gone").await;
+    assert_eq!(
+        (
+            d["instances"]["busy"].as_u64(),
+            d["instances"]["idle"].as_u64()
+        ),
+        (Some(0), Some(1))
+    );
+});

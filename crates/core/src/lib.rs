@@ -233,6 +233,9 @@ pub enum InstanceOutcome {
         detail: String,
         log_tail: Option<String>,
     },
+    /// The runtime process had exited before it took the invocation: nothing ran, so the
+    /// invocation may be retried on another instance.
+    Unavailable,
 }
 
 /// A running instance: serves one invocation at a time (the pool guarantees it).

@@ -285,6 +285,14 @@ impl ProcessExecutor {
         let (exit_tx, exit_rx) = watch::channel(None::<String>);
         tokio::spawn(async move {
             let status = child.wait().await;
+            // The leader is reaped: kill what it left in its group now, once. After this the
+            // pid may be reused, so nothing signals the group again (see `signal_group`).
+            if pid > 0 {
+                // SAFETY: kill(2) on the instance's own process group; ESRCH if it is empty.
+                unsafe {
+                    libc::kill(-pid, libc::SIGKILL);
+                }
+            }
             let detail = match status {
                 Ok(s) => describe_exit(s),
                 Err(e) => format!("wait failed: {e}"),
@@ -415,17 +423,14 @@ struct MemorySample {
 const MEMORY_SAMPLE: Duration = Duration::from_millis(20);
 
 impl ProcessInstance {
+    /// Signals the instance's process group while its leader is not yet reaped (so the pid,
+    /// and with it the group id, cannot have been reused); after the exit the watcher task has
+    /// already killed the group.
     fn signal_group(&self, sig: i32) {
         if self.pid > 0 && self.exited.borrow().is_none() {
             // SAFETY: kill(2) with a negative pid signals the instance's own process group.
             unsafe {
                 libc::kill(-self.pid, sig);
-            }
-        } else if self.pid > 0 {
-            // The runtime is gone but children it started may linger in its group.
-            // SAFETY: as above; ESRCH when the group is empty is harmless.
-            unsafe {
-                libc::kill(-self.pid, libc::SIGKILL);
             }
         }
     }
@@ -517,8 +522,11 @@ impl ProcessInstance {
             };
         }
         let mut exited = self.exited.clone();
+        let mut reply_rx = reply_rx;
         tokio::select! {
-            r = reply_rx => {
+            // A reply that is already there wins over an exit noticed at the same time.
+            biased;
+            r = &mut reply_rx => {
                 let outcome = r.unwrap_or_else(|_| Outcome::function_error("Runtime.Unknown", "the instance dropped the invocation"));
                 let elapsed = started.elapsed();
                 self.capture.drain();
@@ -542,6 +550,23 @@ impl ProcessInstance {
             }
             _ = wait_exit(&mut exited) => {
                 self.kill();
+                // The runtime may have answered just before it exited.
+                if let Ok(outcome) = reply_rx.try_recv() {
+                    let elapsed = started.elapsed();
+                    self.capture.drain();
+                    self.capture.platform(Some(&id), format!("END RequestId: {id}"));
+                    self.report(&id, elapsed);
+                    return InstanceOutcome::Done { outcome, log_tail: self.capture.end() };
+                }
+                // It died before it took the invocation (it was idle and gone): nothing ran,
+                // the pool retries elsewhere.
+                if !self.api.is_current(&id) {
+                    self.capture.platform(Some(&id), format!(
+                        "RequestId: {id} not taken: the runtime had exited; retrying on another instance"
+                    ));
+                    self.capture.end();
+                    return InstanceOutcome::Unavailable;
+                }
                 self.api.abandon_current();
                 let detail = self.exited.borrow().clone().unwrap_or_default();
                 let elapsed = started.elapsed();

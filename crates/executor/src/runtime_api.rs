@@ -100,6 +100,14 @@ impl RuntimeApi {
         self.state().config_timeout
     }
 
+    /// Whether the runtime has taken this invocation (and not answered it yet).
+    pub(crate) fn is_current(&self, request_id: &str) -> bool {
+        self.state()
+            .current
+            .as_ref()
+            .is_some_and(|c| c.request_id == request_id)
+    }
+
     /// Drops the current invocation (timeout or crash): a late reply for it gets 400.
     pub(crate) fn abandon_current(&self) {
         self.state().current = None;
@@ -117,18 +125,25 @@ impl RuntimeApi {
     pub(crate) async fn serve(self: Arc<Self>, tcp: TcpListener, unix: Option<UnixListener>) {
         loop {
             tokio::select! {
-                Ok((stream, _)) = tcp.accept() => {
-                    let _ = stream.set_nodelay(true);
-                    tokio::spawn(self.clone().serve_conn(stream));
-                }
-                Some(Ok((stream, _))) = async {
+                r = tcp.accept() => match r {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nodelay(true);
+                        tokio::spawn(self.clone().serve_conn(stream));
+                    }
+                    // EMFILE and friends: back off instead of spinning or giving up.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                },
+                r = async {
                     match &unix {
-                        Some(u) => Some(u.accept().await),
+                        Some(u) => u.accept().await,
                         None => std::future::pending().await,
                     }
-                } => {
-                    tokio::spawn(self.clone().serve_conn(stream));
-                }
+                } => match r {
+                    Ok((stream, _)) => {
+                        tokio::spawn(self.clone().serve_conn(stream));
+                    }
+                    Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+                },
             }
         }
     }
@@ -194,6 +209,13 @@ impl RuntimeApi {
     async fn next(&self) -> Resp {
         {
             let mut st = self.state();
+            if st.current.is_some() {
+                return api_error(
+                    StatusCode::FORBIDDEN,
+                    "InvalidStateTransition",
+                    "State transition from Running to Ready is not allowed: post the current invocation's response or error first",
+                );
+            }
             st.initialized = true;
             if let Some(ready) = st.ready.take() {
                 let _ = ready.send(Ok(()));
@@ -214,7 +236,8 @@ impl RuntimeApi {
         });
         let mut r = Response::new(Full::new(d.payload));
         let h = r.headers_mut();
-        let hv = |s: &str| HeaderValue::from_str(s).ok();
+        // from_bytes: JSON with non-ASCII text is a valid (obs-text) header value.
+        let hv = |s: &str| HeaderValue::from_bytes(s.as_bytes()).ok();
         if let Some(v) = hv(&d.request_id) {
             h.insert("lambda-runtime-aws-request-id", v);
         }
@@ -285,6 +308,15 @@ impl RuntimeApi {
             if st.current.as_ref().is_none_or(|c| c.request_id != id) {
                 return invalid();
             }
+        }
+        if let Some(mode) = req.headers().get("lambda-runtime-function-response-mode")
+            && mode.as_bytes() != b"streaming"
+        {
+            return api_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidFunctionResponseMode",
+                "Lambda-Runtime-Function-Response-Mode must be streaming when it is set",
+            );
         }
         let body = Self::read_body(req).await;
         let outcome = match (&body, is_error) {
@@ -432,8 +464,8 @@ fn error_outcome(headers: &http::HeaderMap, body: &Bytes) -> Outcome {
                 body.clone()
             }
         }
-        Some(_) => body.clone(),
-        None => gust_core::lambda::error_body(&error_type, &String::from_utf8_lossy(body)),
+        // Anything else (not an object, not JSON) is passed through as the runtime sent it.
+        _ => body.clone(),
     };
     Outcome::FunctionError { error_type, body }
 }

@@ -180,6 +180,7 @@ pub fn response(body: Bytes, content_type: Option<&str>) -> Option<Response<Body
         _ => None,
     }
     .and_then(|n| u16::try_from(n).ok())
+    .filter(|n| (200..=599).contains(n))
     .and_then(|n| StatusCode::from_u16(n).ok())?;
     let body_bytes = match obj.get("body") {
         None | Some(Value::Null) => Bytes::new(),
@@ -306,6 +307,10 @@ mod tests {
         .unwrap();
         assert_eq!(r.status(), 200);
         assert!(response(Bytes::from(r#"{"statusCode":"abc"}"#), None).is_none());
+        assert!(
+            response(Bytes::from(r#"{"statusCode":101}"#), None).is_none(),
+            "1xx is not a final status"
+        );
         assert!(
             response(
                 Bytes::from(r#"{"statusCode":200,"body":"!!","isBase64Encoded":true}"#),

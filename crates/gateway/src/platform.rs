@@ -126,6 +126,11 @@ impl Platform {
                 }
             }
         }
+        // Unpack every bundle before anything is recorded, so a failure leaves the store and
+        // the running pools as they were.
+        for (_, sha) in &specs {
+            self.store.code_dir(sha)?;
+        }
         let (stored, removed) =
             self.store
                 .deploy_service(&manifest.service, manifest_text, &specs)?;

@@ -63,14 +63,20 @@ impl RouteTable {
                 });
             }
         }
+        // A stable order, whatever order the pools came in: ties go the same way every time.
+        routes.sort_by(|a, b| {
+            (&a.path, &a.method, &a.function).cmp(&(&b.path, &b.method, &b.function))
+        });
         RouteTable { routes }
     }
 
-    /// Which function, if any, claims this method and path already.
+    /// Which function, if any, claims this method and path already. Paths compare by shape:
+    /// `/users/{id}` and `/users/{uid}` are the same route.
     pub fn owner(&self, method: &str, path: &str) -> Option<&str> {
+        let shape = gust_manifest::route_shape(path);
         self.routes
             .iter()
-            .find(|r| r.method == method && r.path == path)
+            .find(|r| r.method == method && gust_manifest::route_shape(&r.path) == shape)
             .map(|r| r.function.as_str())
     }
 
@@ -168,5 +174,10 @@ mod tests {
         assert!(t.find("GET", "/users/1/x").is_none());
         assert_eq!(t.find("GET", "/").unwrap().function, "b");
         assert_eq!(t.owner("GET", "/users/me"), Some("b"));
+        assert_eq!(
+            t.owner("GET", "/users/{uid}"),
+            Some("a"),
+            "parameter names do not matter"
+        );
     }
 }

@@ -266,6 +266,12 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                     format!("environment key {k:?}: reserved by the platform; choose another name"),
                 ));
             }
+            if v.get_ref().contains('\0') {
+                return Err(cx.err(
+                    v.span(),
+                    format!("environment value of {k:?} contains a NUL byte: remove it"),
+                ));
+            }
             env_size += k.len() + v.get_ref().len();
             environment.insert(k.clone(), v.get_ref().clone());
         }
@@ -357,7 +363,9 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             if let Err(why) = check_route_path(path) {
                 return Err(cx.err(rr.path.span(), format!("path = {path:?}: {why}")));
             }
-            if let Some(other) = seen_routes.insert((method.clone(), path.clone()), name.clone()) {
+            if let Some(other) =
+                seen_routes.insert((method.clone(), route_shape(path)), name.clone())
+            {
                 return Err(cx.err(
                     r.span(),
                     format!("route {method} {path} is declared twice (also by function {other}): keep one"),
@@ -391,6 +399,20 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
     Ok(Manifest { service, functions })
 }
 
+/// A route's shape: parameter names replaced, so `/users/{id}` and `/users/{uid}` compare equal.
+pub fn route_shape(path: &str) -> String {
+    path.split('/')
+        .map(
+            |seg| match seg.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some(p) if p.ends_with('+') => "{+}",
+                Some(_) => "{}",
+                None => seg,
+            },
+        )
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 /// A route path: starts with `/`, segments are literals, `{name}`, or a final `{name+}`; it must
 /// not shadow a path gust serves itself.
 pub fn check_route_path(path: &str) -> Result<(), String> {
@@ -405,8 +427,15 @@ pub fn check_route_path(path: &str) -> Result<(), String> {
             "paths under {p} are reserved by gust; choose another prefix"
         ));
     }
+    if path == "/" {
+        return Ok(());
+    }
     let segs: Vec<&str> = path[1..].split('/').collect();
+    let mut names = Vec::new();
     for (i, seg) in segs.iter().enumerate() {
+        if seg.is_empty() {
+            return Err("empty segment ('//' or a trailing '/'): remove it".into());
+        }
         if let Some(inner) = seg.strip_prefix('{') {
             let Some(inner) = inner.strip_suffix('}') else {
                 return Err(format!("segment {seg:?} opens '{{' without closing it"));
@@ -427,9 +456,22 @@ pub fn check_route_path(path: &str) -> Result<(), String> {
             if greedy && i + 1 != segs.len() {
                 return Err(format!("greedy parameter {seg:?} must be the last segment"));
             }
+            if names.contains(&pname) {
+                return Err(format!(
+                    "parameter {pname:?} appears twice: give each a distinct name"
+                ));
+            }
+            names.push(pname);
         } else if seg.contains('{') || seg.contains('}') {
             return Err(format!(
                 "segment {seg:?}: a parameter must be a whole segment, like /users/{{id}}"
+            ));
+        } else if !seg
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@".contains(&b))
+        {
+            return Err(format!(
+                "segment {seg:?} has characters a request path cannot match literally (use letters, digits and -._~)"
             ));
         }
     }
@@ -544,5 +586,11 @@ runtime = "provided"
         assert!(check_route_path("/fn/x").is_err());
         assert!(check_route_path("/a/x{b}").is_err());
         assert!(check_route_path("/a/{b+}/c").is_err());
+        assert!(check_route_path("/a//b").is_err());
+        assert!(check_route_path("/a/").is_err());
+        assert!(check_route_path("/{id}/{id}").is_err());
+        assert!(check_route_path("/a b").is_err());
+        assert!(check_route_path("/a%20b").is_err());
+        assert_eq!(route_shape("/u/{id}/{rest+}"), route_shape("/u/{x}/{y+}"));
     }
 }

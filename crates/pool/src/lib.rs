@@ -22,7 +22,22 @@ use tokio::sync::{Notify, oneshot};
 use crate::policy::{Admit, Handoff, Limits, PoolState};
 
 type Inst = Arc<dyn Instance>;
-type Waiter = oneshot::Sender<Result<Inst, InitError>>;
+
+/// What a queued request receives.
+enum Wake {
+    Ready(Inst),
+    /// The instance started for it failed its init: Lambda returns the init error.
+    InitFailed(InitError),
+    /// This pool is draining and will not serve it: ask the live pool.
+    Retry,
+}
+type Waiter = oneshot::Sender<Wake>;
+
+/// How often a draining pool may send a request on to its replacement, and how often an
+/// invocation is retried after meeting an instance that died before taking it.
+const MAX_RETRIES: usize = 3;
+/// After a failed start, background (min_instances) starts pause this long.
+const START_BACKOFF: Duration = Duration::from_secs(5);
 
 /// A snapshot of a pool, for `describe`.
 #[derive(Debug, Clone, serde::Serialize, Default)]
@@ -52,6 +67,9 @@ pub struct Pool {
     queue_timeout: Duration,
     /// Wakes the reaper when the idle set changes.
     reaper_wake: Notify,
+    /// Every instance started, for the kill at shutdown (busy ones included).
+    live: Mutex<Vec<Weak<dyn Instance>>>,
+    last_start_failure: Mutex<Option<Instant>>,
 }
 
 impl Pool {
@@ -70,6 +88,8 @@ impl Pool {
             state: Mutex::new(PoolState::new(limits)),
             counters: Mutex::new(Counters::default()),
             reaper_wake: Notify::new(),
+            live: Mutex::new(Vec::new()),
+            last_start_failure: Mutex::new(None),
         });
         tokio::spawn(reaper(Arc::downgrade(&pool)));
         pool
@@ -114,15 +134,24 @@ impl Pool {
         self.count(|c| c.cold_starts += 1);
         match self.executor.start(self.function.clone()).await {
             Ok(inst) => {
+                {
+                    let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+                    live.retain(|w| w.strong_count() > 0);
+                    live.push(Arc::downgrade(&inst));
+                }
                 let handoff = self.state().started(inst, Instant::now());
                 self.place(handoff);
                 true
             }
             Err(e) => {
                 tracing::warn!(function = %self.function.spec.name, "instance failed to start: {e}");
-                let waiter = self.state().start_failed();
-                if let Some(w) = waiter {
-                    let _ = w.send(Err(e));
+                *self
+                    .last_start_failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                let waiters = self.state().start_failed();
+                for w in waiters {
+                    let _ = w.send(Wake::InitFailed(e.clone()));
                 }
                 false
             }
@@ -141,12 +170,12 @@ impl Pool {
                     tokio::spawn(async move { inst.stop().await });
                     return;
                 }
-                Handoff::ToWaiter(w, inst) => match w.send(Ok(inst)) {
+                Handoff::ToWaiter(w, inst) => match w.send(Wake::Ready(inst)) {
                     Ok(()) => return,
-                    Err(back) => {
-                        let inst = back.expect("we sent Ok");
+                    Err(Wake::Ready(inst)) => {
                         handoff = self.state().unclaimed(inst, Instant::now());
                     }
+                    Err(_) => return,
                 },
             }
         }
@@ -169,15 +198,16 @@ impl Pool {
     }
 
     async fn acquire(self: &Arc<Self>) -> Result<Inst, AcquireError> {
-        let (tx, mut rx) = oneshot::channel();
+        let (tx, rx) = oneshot::channel();
         let (admit, init_pending) = {
             let mut st = self.state();
-            let admit = st.admit(|| tx);
+            let admit = st.admit(|i| i.is_alive(), || tx);
             (admit, st.starting_count() > 0)
         };
         let (ticket, started) = match admit {
             Admit::Run(inst) => return Ok(inst),
             Admit::Throttled => return Err(AcquireError::Throttled),
+            Admit::Retry => return Err(AcquireError::Retry),
             Admit::Queued { ticket, start } => (ticket, start),
         };
         if started {
@@ -189,19 +219,31 @@ impl Pool {
         } else {
             self.queue_timeout
         };
-        match tokio::time::timeout(wait, &mut rx).await {
-            Ok(Ok(r)) => r.map_err(AcquireError::Init),
-            Ok(Err(_)) => Err(AcquireError::Throttled),
+        // If this future is dropped while queued (the caller went away), the guard takes the
+        // ticket out of the queue or gives back an instance already handed over.
+        let mut guard = QueuedGuard {
+            pool: self,
+            ticket,
+            rx: Some(rx),
+        };
+        let rx = guard.rx.as_mut().expect("set above");
+        let woken = match tokio::time::timeout(wait, &mut *rx).await {
+            Ok(r) => r.ok(),
             Err(_) => {
                 if self.state().cancel(ticket).is_some() {
+                    guard.rx = None;
                     return Err(AcquireError::QueueTimeout);
                 }
                 // Handed over while timing out: it is (or is about to be) in the channel.
-                match rx.await {
-                    Ok(r) => r.map_err(AcquireError::Init),
-                    Err(_) => Err(AcquireError::QueueTimeout),
-                }
+                (&mut *rx).await.ok()
             }
+        };
+        guard.rx = None;
+        match woken {
+            Some(Wake::Ready(inst)) => Ok(inst),
+            Some(Wake::InitFailed(e)) => Err(AcquireError::Init(e)),
+            Some(Wake::Retry) => Err(AcquireError::Retry),
+            None => Err(AcquireError::QueueTimeout),
         }
     }
 
@@ -212,14 +254,17 @@ impl Pool {
         }
     }
 
-    pub async fn invoke(
+    /// Runs one invocation on this pool. `Err(None)` means: this pool is draining, or the
+    /// instance died before taking the invocation; retry (on the live pool).
+    async fn invoke_once(
         self: &Arc<Self>,
         invocation: Invocation,
-    ) -> Result<InvokeResult, InvokeError> {
+    ) -> Result<InvokeResult, Option<InvokeError>> {
         let request_id = uuid::Uuid::new_v4().to_string();
         let tail = invocation.tail_log;
         let inst = match self.acquire().await {
             Ok(i) => i,
+            Err(AcquireError::Retry) => return Err(None),
             Err(AcquireError::Init(e)) => {
                 self.count(|c| c.invocations += 1);
                 return Ok(InvokeResult {
@@ -244,16 +289,15 @@ impl Pool {
                         s.max_instances, s.queue_length
                     ),
                 };
-                return Err(InvokeError::Throttled {
+                return Err(Some(InvokeError::Throttled {
                     message: format!(
                         "Rate Exceeded. Function {} is at its concurrency limit ({why})",
                         self.function.spec.name
                     ),
                     retry_after_secs: 1,
-                });
+                }));
             }
         };
-        self.count(|c| c.invocations += 1);
         let timeout = self.timeout(&inst);
         let req = InstanceRequest {
             request_id: request_id.clone(),
@@ -268,10 +312,13 @@ impl Pool {
             pool.finish(inst, &outcome);
             outcome
         });
-        let outcome = task
-            .await
-            .map_err(|e| InvokeError::Platform(format!("invocation task failed: {e}")))?;
+        let outcome = task.await.map_err(|e| {
+            Some(InvokeError::Platform(format!(
+                "invocation task failed: {e}"
+            )))
+        })?;
         let (outcome, log_tail) = match outcome {
+            InstanceOutcome::Unavailable => return Err(None),
             InstanceOutcome::Done { outcome, log_tail } => (outcome, log_tail),
             InstanceOutcome::TimedOut { log_tail } => (
                 Outcome::FunctionError {
@@ -288,6 +335,7 @@ impl Pool {
                 log_tail,
             ),
         };
+        self.count(|c| c.invocations += 1);
         Ok(InvokeResult {
             request_id,
             outcome,
@@ -303,12 +351,23 @@ impl Pool {
             self.place(handoff);
         } else {
             inst.kill();
-            let starts = {
+            let (starts, orphans) = {
                 let mut st = self.state();
-                st.discarded();
-                st.starts_needed()
+                let orphans = st.discarded();
+                (st.starts_needed(), orphans)
             };
+            for w in orphans {
+                let _ = w.send(Wake::Retry);
+            }
             self.spawn_starts(starts);
+        }
+    }
+
+    /// Kills every instance this pool started, busy ones included (end of a shutdown).
+    fn kill_all(&self) {
+        let live = std::mem::take(&mut *self.live.lock().unwrap_or_else(|p| p.into_inner()));
+        for inst in live.iter().filter_map(Weak::upgrade) {
+            inst.kill();
         }
     }
 
@@ -353,6 +412,30 @@ enum AcquireError {
     Throttled,
     QueueTimeout,
     Init(InitError),
+    Retry,
+}
+
+/// Cleans up a queued request whose future is dropped before it got an instance.
+struct QueuedGuard<'a> {
+    pool: &'a Arc<Pool>,
+    ticket: u64,
+    rx: Option<oneshot::Receiver<Wake>>,
+}
+
+impl Drop for QueuedGuard<'_> {
+    fn drop(&mut self) {
+        let Some(mut rx) = self.rx.take() else { return };
+        if self.pool.state().cancel(self.ticket).is_some() {
+            return;
+        }
+        // Already picked: close the channel so a send still to come fails (and `place` takes
+        // the instance back), and return an instance that was already sent.
+        rx.close();
+        if let Ok(Wake::Ready(inst)) = rx.try_recv() {
+            let handoff = self.pool.state().unclaimed(inst, Instant::now());
+            self.pool.place(handoff);
+        }
+    }
 }
 
 /// Stops idle instances past their idle timeout; ends when the pool is dropped.
@@ -368,8 +451,15 @@ async fn reaper(pool: Weak<Pool>) {
                 .unwrap_or(Duration::from_secs(3600))
                 .max(Duration::from_millis(50));
             drop(st);
-            let starts = p.state().starts_needed();
-            p.spawn_starts(starts);
+            let failed_recently = p
+                .last_start_failure
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some_and(|t| t.elapsed() < START_BACKOFF);
+            if !failed_recently {
+                let starts = p.state().starts_needed();
+                p.spawn_starts(starts);
+            }
             (sleep, expired)
         };
         for inst in expired {
@@ -508,12 +598,14 @@ impl Pools {
             p.wait_idle(deadline.saturating_duration_since(Instant::now()))
                 .await;
         }
-        // Whatever is still busy past the grace period is killed: the waiting callers get errors.
+        // Idle instances stop gracefully; whatever is still busy past the grace period is
+        // killed (its callers get errors).
         for p in &all {
             let idle = p.state().take_idle();
             for inst in idle {
                 inst.stop().await;
             }
+            p.kill_all();
         }
     }
 }
@@ -525,16 +617,26 @@ impl Invoker for Pools {
         invocation: Invocation,
     ) -> BoxFuture<'a, Result<InvokeResult, InvokeError>> {
         Box::pin(async move {
-            if self
-                .shutting_down
-                .load(std::sync::atomic::Ordering::Relaxed)
-            {
-                return Err(InvokeError::ShuttingDown);
+            for _ in 0..=MAX_RETRIES {
+                if self
+                    .shutting_down
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    return Err(InvokeError::ShuttingDown);
+                }
+                let pool = self
+                    .get(function)
+                    .ok_or_else(|| InvokeError::NotFound(function.to_string()))?;
+                // Cheap: the payload is reference-counted bytes.
+                match pool.invoke_once(invocation.clone()).await {
+                    Ok(r) => return Ok(r),
+                    Err(Some(e)) => return Err(e),
+                    Err(None) => tokio::task::yield_now().await,
+                }
             }
-            let pool = self
-                .get(function)
-                .ok_or_else(|| InvokeError::NotFound(function.to_string()))?;
-            pool.invoke(invocation).await
+            Err(InvokeError::Platform(format!(
+                "function {function}: no instance could take the invocation after {MAX_RETRIES} retries"
+            )))
         })
     }
 }

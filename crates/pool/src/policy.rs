@@ -24,6 +24,8 @@ pub enum Admit<I> {
     Queued { ticket: u64, start: bool },
     /// Every instance is busy, none may start, the queue is full.
     Throttled,
+    /// This pool is draining and has nothing to serve with: use the live pool.
+    Retry,
 }
 
 /// Where a freed (or newly started) instance goes.
@@ -83,16 +85,24 @@ impl<I, W> PoolState<I, W> {
     }
 
     /// A new request: the MRU idle instance, else a queue slot (starting an instance when below
-    /// the limit), else throttled. `waiter` is only consumed when the request is queued.
-    pub fn admit(&mut self, waiter: impl FnOnce() -> W) -> Admit<I> {
-        if let Some((inst, _)) = self.idle.pop() {
-            self.busy += 1;
-            return Admit::Run(inst);
+    /// the limit), else throttled. Idle instances for which `alive` is false (their process
+    /// died while idle) are dropped on the way. A draining pool that has no instance to offer
+    /// answers `Retry`: the caller should ask the pool that replaced it. `waiter` is only
+    /// consumed when the request is queued.
+    pub fn admit(&mut self, alive: impl Fn(&I) -> bool, waiter: impl FnOnce() -> W) -> Admit<I> {
+        while let Some((inst, _)) = self.idle.pop() {
+            if alive(&inst) {
+                self.busy += 1;
+                return Admit::Run(inst);
+            }
         }
         // A waiter is covered when an instance already starting will be free for it (released
         // instances go to waiters first, so starts can outnumber waiters during a ramp-up);
         // only an uncovered waiter starts another instance or takes a queue slot.
         let covered = self.waiters.len() < self.starting;
+        if self.draining && !covered && self.busy == 0 {
+            return Admit::Retry;
+        }
         let start = !covered && !self.draining && self.total() < self.limits.max_instances;
         if !covered && !start && self.waiters.len() - self.starting >= self.limits.queue_length {
             return Admit::Throttled;
@@ -143,21 +153,35 @@ impl<I, W> PoolState<I, W> {
         self.release(inst, now)
     }
 
-    /// An instance failed to start. Returns the waiter that should get the init error, if any
-    /// is not covered by another starting instance. (Lambda returns the init error to the
-    /// invocation that caused the cold start.)
-    pub fn start_failed(&mut self) -> Option<W> {
+    /// An instance failed to start. Returns the waiters no other starting instance covers:
+    /// each gets the init error (Lambda returns it to every invocation that met it).
+    pub fn start_failed(&mut self) -> Vec<W> {
         self.starting -= 1;
-        if self.waiters.len() > self.starting {
-            self.waiters.pop_front().map(|(_, w)| w)
-        } else {
-            None
+        let mut out = Vec::new();
+        while self.waiters.len() > self.starting {
+            match self.waiters.pop_front() {
+                Some((_, w)) => out.push(w),
+                None => break,
+            }
         }
+        out
     }
 
-    /// A busy instance died (timeout, crash) and was discarded.
-    pub fn discarded(&mut self) {
+    /// A busy instance died (timeout, crash) and was discarded. In a draining pool, which
+    /// starts nothing, waiters left without an instance are returned: they must retry on the
+    /// live pool.
+    pub fn discarded(&mut self) -> Vec<W> {
         self.busy -= 1;
+        let mut orphans = Vec::new();
+        if self.draining {
+            while self.waiters.len() > self.starting + self.busy {
+                match self.waiters.pop_back() {
+                    Some((_, w)) => orphans.push(w),
+                    None => break,
+                }
+            }
+        }
+        orphans
     }
 
     /// How many instances to start now: for waiters no starting instance covers (after a
@@ -201,8 +225,12 @@ impl<I, W> PoolState<I, W> {
         self.take_idle()
     }
 
-    /// The time until the next idle instance expires, for the reaper's sleep.
+    /// The time until the next idle instance expires, for the reaper's sleep; `None` when
+    /// nothing can expire (no idle instance, or only the `min_instances` are left).
     pub fn next_expiry(&self, now: Instant) -> Option<Duration> {
+        if self.total() <= self.limits.min_instances {
+            return None;
+        }
         self.idle
             .first()
             .map(|(_, since)| (*since + self.limits.idle_timeout).saturating_duration_since(now))
@@ -227,14 +255,14 @@ mod tests {
         let t0 = Instant::now();
         let mut p: PoolState<&str, u32> = PoolState::new(limits(2, 0, 0));
         assert_eq!(
-            p.admit(|| 1),
+            p.admit(|_| true, || 1),
             Admit::Queued {
                 ticket: 0,
                 start: true
             }
         );
         assert_eq!(
-            p.admit(|| 2),
+            p.admit(|_| true, || 2),
             Admit::Queued {
                 ticket: 1,
                 start: true
@@ -245,8 +273,8 @@ mod tests {
         assert_eq!(p.release("a", t0), Handoff::Idle);
         assert_eq!(p.release("b", t0 + Duration::from_secs(1)), Handoff::Idle);
         // Most recently used first.
-        assert_eq!(p.admit(|| 3), Admit::Run("b"));
-        assert_eq!(p.admit(|| 4), Admit::Run("a"));
+        assert_eq!(p.admit(|_| true, || 3), Admit::Run("b"));
+        assert_eq!(p.admit(|_| true, || 4), Admit::Run("a"));
         assert_eq!(p.busy_count(), 2);
     }
 
@@ -254,14 +282,23 @@ mod tests {
     fn concurrent_requests_never_share_and_queue_is_bounded() {
         let t0 = Instant::now();
         let mut p: PoolState<u32, u32> = PoolState::new(limits(2, 0, 1));
-        assert!(matches!(p.admit(|| 1), Admit::Queued { start: true, .. }));
-        assert!(matches!(p.admit(|| 2), Admit::Queued { start: true, .. }));
+        assert!(matches!(
+            p.admit(|_| true, || 1),
+            Admit::Queued { start: true, .. }
+        ));
+        assert!(matches!(
+            p.admit(|_| true, || 2),
+            Admit::Queued { start: true, .. }
+        ));
         // At the limit: one may queue, the next is throttled.
-        assert!(matches!(p.admit(|| 3), Admit::Queued { start: false, .. }));
-        assert_eq!(p.admit(|| 4), Admit::Throttled);
+        assert!(matches!(
+            p.admit(|_| true, || 3),
+            Admit::Queued { start: false, .. }
+        ));
+        assert_eq!(p.admit(|_| true, || 4), Admit::Throttled);
         assert_eq!(p.started(10, t0), Handoff::ToWaiter(1, 10));
         assert_eq!(p.started(11, t0), Handoff::ToWaiter(2, 11));
-        assert_eq!(p.admit(|| 5), Admit::Throttled);
+        assert_eq!(p.admit(|_| true, || 5), Admit::Throttled);
         // FIFO: the freed instance goes to the oldest waiter.
         assert_eq!(p.release(10, t0), Handoff::ToWaiter(3, 10));
         assert_eq!(p.total(), 2);
@@ -271,14 +308,20 @@ mod tests {
     fn ramp_up_does_not_start_more_than_it_needs() {
         let t0 = Instant::now();
         let mut p: PoolState<u32, u32> = PoolState::new(limits(8, 0, 0));
-        assert!(matches!(p.admit(|| 1), Admit::Queued { start: true, .. }));
-        assert!(matches!(p.admit(|| 2), Admit::Queued { start: true, .. }));
+        assert!(matches!(
+            p.admit(|_| true, || 1),
+            Admit::Queued { start: true, .. }
+        ));
+        assert!(matches!(
+            p.admit(|_| true, || 2),
+            Admit::Queued { start: true, .. }
+        ));
         assert_eq!(p.started(10, t0), Handoff::ToWaiter(1, 10));
         // The first caller is done before the second instance is up: the freed instance goes
         // to the second caller, and a new request is covered by the instance still starting.
         assert_eq!(p.release(10, t0), Handoff::ToWaiter(2, 10));
         assert_eq!(
-            p.admit(|| 3),
+            p.admit(|_| true, || 3),
             Admit::Queued {
                 ticket: 2,
                 start: false
@@ -287,7 +330,10 @@ mod tests {
         assert_eq!(p.started(11, t0), Handoff::ToWaiter(3, 11));
         assert_eq!(p.total(), 2);
         // Once no start covers it, a request starts one again (queue length 0 is no obstacle).
-        assert!(matches!(p.admit(|| 4), Admit::Queued { start: true, .. }));
+        assert!(matches!(
+            p.admit(|_| true, || 4),
+            Admit::Queued { start: true, .. }
+        ));
     }
 
     #[test]
@@ -296,21 +342,21 @@ mod tests {
         let Admit::Queued {
             ticket,
             start: true,
-        } = p.admit(|| 1)
+        } = p.admit(|_| true, || 1)
         else {
             panic!()
         };
         let Admit::Queued {
             ticket: t2,
             start: false,
-        } = p.admit(|| 2)
+        } = p.admit(|_| true, || 2)
         else {
             panic!()
         };
         assert_eq!(p.cancel(t2), Some(2));
         assert_eq!(p.cancel(t2), None);
         // The failed start's error goes to the waiter that caused it; nothing is left starting.
-        assert_eq!(p.start_failed(), Some(1));
+        assert_eq!(p.start_failed(), vec![1]);
         assert_eq!(p.cancel(ticket), None);
         assert_eq!(p.total(), 0);
         assert_eq!(p.starts_needed(), 0);
@@ -322,9 +368,12 @@ mod tests {
         let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 1, 5));
         assert_eq!(p.starts_needed(), 1);
         assert_eq!(p.started(1, t0), Handoff::Idle);
-        assert_eq!(p.admit(|| 0), Admit::Run(1));
-        assert!(matches!(p.admit(|| 7), Admit::Queued { start: false, .. }));
-        p.discarded();
+        assert_eq!(p.admit(|_| true, || 0), Admit::Run(1));
+        assert!(matches!(
+            p.admit(|_| true, || 7),
+            Admit::Queued { start: false, .. }
+        ));
+        assert!(p.discarded().is_empty());
         // A waiter is left with nothing to serve it: start one.
         assert_eq!(p.starts_needed(), 1);
         assert_eq!(p.starts_needed(), 0);
@@ -336,7 +385,7 @@ mod tests {
         let t0 = Instant::now();
         let mut p: PoolState<u32, u32> = PoolState::new(limits(3, 1, 0));
         for i in 0..3 {
-            p.admit(|| i);
+            p.admit(|_| true, || i);
         }
         for i in 0..3u32 {
             let _ = p.started(i, t0);
@@ -347,17 +396,54 @@ mod tests {
         assert_eq!(p.next_expiry(t0), Some(Duration::from_secs(10)));
         assert!(p.reap(t0 + Duration::from_secs(9)).is_empty());
         assert_eq!(p.reap(t0 + Duration::from_secs(15)), vec![0, 1]);
-        // One expired instance is left, but it is the minimum.
+        // One expired instance is left, but it is the minimum: nothing to wake up for.
         assert!(p.reap(t0 + Duration::from_secs(100)).is_empty());
         assert_eq!(p.total(), 1);
+        assert_eq!(p.next_expiry(t0 + Duration::from_secs(100)), None);
+    }
+
+    #[test]
+    fn init_failure_reaches_every_uncovered_waiter_and_dead_idle_is_skipped() {
+        let t0 = Instant::now();
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 0, 5));
+        p.admit(|_| true, || 1);
+        p.admit(|_| true, || 2);
+        p.admit(|_| true, || 3);
+        assert_eq!(p.start_failed(), vec![1, 2, 3]);
+        assert_eq!((p.total(), p.waiting_count()), (0, 0));
+        // An instance that died while idle is not handed out.
+        p.admit(|_| true, || 4);
+        assert_eq!(p.started(7, t0), Handoff::ToWaiter(4, 7));
+        assert_eq!(p.release(7, t0), Handoff::Idle);
+        assert!(matches!(
+            p.admit(|i| *i != 7, || 5),
+            Admit::Queued { start: true, .. }
+        ));
+        assert_eq!(p.total(), 1, "the dead instance left the pool");
+    }
+
+    #[test]
+    fn draining_pool_sends_callers_to_the_live_one() {
+        let t0 = Instant::now();
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(2, 0, 5));
+        assert!(p.drain().is_empty());
+        assert_eq!(p.admit(|_| true, || 1), Admit::Retry);
+        // Waiters behind a busy instance that then dies are handed back for a retry.
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 0, 5));
+        p.admit(|_| true, || 1);
+        assert_eq!(p.started(9, t0), Handoff::ToWaiter(1, 9));
+        p.admit(|_| true, || 2);
+        p.drain();
+        assert_eq!(p.discarded(), vec![2]);
+        assert_eq!(p.total(), 0);
     }
 
     #[test]
     fn draining_serves_waiters_then_stops() {
         let t0 = Instant::now();
         let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 0, 5));
-        p.admit(|| 1);
-        p.admit(|| 2);
+        p.admit(|_| true, || 1);
+        p.admit(|_| true, || 2);
         assert_eq!(p.started(9, t0), Handoff::ToWaiter(1, 9));
         assert!(p.drain().is_empty());
         assert_eq!(p.release(9, t0), Handoff::ToWaiter(2, 9));

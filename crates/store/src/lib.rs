@@ -47,6 +47,16 @@ fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// A suffix for temp names that no other writer (thread or process) uses at the same time.
+fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
 /// A function as the registry holds it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct StoredFunction {
@@ -202,13 +212,16 @@ impl Store {
         if self.has_blob(sha) {
             return Ok(false);
         }
-        let tmp = self
-            .dir
-            .join(format!("blobs/.tmp-{sha}-{}", std::process::id()));
+        let tmp = self.dir.join(format!("blobs/.tmp-{sha}-{}", unique()));
         fs::write(&tmp, bytes).map_err(io("write bundle"))?;
         fs::rename(&tmp, self.blob_path(sha)).map_err(io("store bundle"))?;
         // Unpack now so that a broken archive is the uploader's error, not a later cold start's.
-        self.code_dir(sha)?;
+        if let Err(e) = self.code_dir(sha) {
+            if matches!(e, StoreError::Invalid(_)) {
+                let _ = fs::remove_file(self.blob_path(sha));
+            }
+            return Err(e);
+        }
         Ok(true)
     }
 
@@ -221,16 +234,14 @@ impl Store {
         }
         let blob = self.blob_path(sha);
         let file = fs::File::open(&blob).map_err(io(format!("open bundle {sha}")))?;
-        let tmp = self
-            .dir
-            .join(format!("code/.tmp-{sha}-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&tmp);
+        let tmp = self.dir.join(format!("code/.tmp-{sha}-{}", unique()));
+        // A private temp dir: concurrent deploys of the same bundle unpack side by side and
+        // the first rename wins.
         fs::create_dir_all(&tmp).map_err(io("create code dir"))?;
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
         archive.set_preserve_permissions(true);
         if let Err(e) = archive.unpack(&tmp) {
             let _ = fs::remove_dir_all(&tmp);
-            let _ = fs::remove_file(&blob);
             return Err(StoreError::Invalid(format!(
                 "code bundle {sha} is not a valid tar.gz: {e}"
             )));
