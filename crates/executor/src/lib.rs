@@ -277,6 +277,13 @@ impl ProcessExecutor {
         let err = pipe(child.stderr.take().and_then(|s| s.into_owned_fd().ok()));
         let (Some(out), Some(err)) = (out, err) else {
             server.abort();
+            // SAFETY: the child's own group; it has not been reaped (we still own `child`).
+            unsafe {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+            if let Some(p) = &socket_path {
+                let _ = std::fs::remove_file(p);
+            }
             return Err(platform("could not capture the runtime's output".into()));
         };
         let capture = Capture::new(out, err, self.sink.clone(), f.spec.name.clone(), id.clone());

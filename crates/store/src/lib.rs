@@ -157,6 +157,8 @@ impl Store {
         if let Ok(t) = fs::read_to_string(&path) {
             let t = t.trim().to_string();
             if !t.is_empty() {
+                // A token file someone loosened (or copied) is tightened again.
+                let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
                 return Ok((t, false));
             }
         }
@@ -240,6 +242,8 @@ impl Store {
         fs::create_dir_all(&tmp).map_err(io("create code dir"))?;
         let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
         archive.set_preserve_permissions(true);
+        // Keep the exec bits (a `provided` bootstrap needs them), never setuid/setgid/sticky.
+        archive.set_mask(0o7000);
         if let Err(e) = archive.unpack(&tmp) {
             let _ = fs::remove_dir_all(&tmp);
             return Err(StoreError::Invalid(format!(
