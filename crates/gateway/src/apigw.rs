@@ -161,6 +161,19 @@ fn value_to_header(v: &Value) -> Option<HeaderValue> {
 /// Maps a function's successful result to the HTTP response. `None` means the result is
 /// malformed (API Gateway answers 502).
 pub fn response(body: Bytes, content_type: Option<&str>) -> Option<Response<Body>> {
+    // A streaming-mode runtime's HTTP integration response: a JSON prelude, 8 NUL bytes, the
+    // raw body (lambda-contracts.md §1.5). gust buffers it and maps it like a buffered one.
+    if content_type == Some("application/vnd.awslambda.http-integration-response") {
+        let split = body.windows(8).position(|w| w == [0u8; 8])?;
+        let mut prelude: serde_json::Map<String, Value> = serde_json::from_slice(&body[..split]).ok()?;
+        let raw = body.slice(split + 8..);
+        prelude.entry("statusCode").or_insert(Value::from(200));
+        prelude.remove("body");
+        prelude.remove("isBase64Encoded");
+        let mut r = response(Bytes::from(serde_json::to_vec(&prelude).ok()?), None)?;
+        *r.body_mut() = Body::from(raw);
+        return Some(r);
+    }
     let parsed: Option<Value> = serde_json::from_slice(&body).ok();
     let obj = match parsed {
         Some(Value::Object(m)) if m.contains_key("statusCode") => m,
