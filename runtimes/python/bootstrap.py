@@ -867,8 +867,9 @@ def _setup_logging():
 
     The environment is read now, before user code runs, as it always was.
     The configuration itself (_configure_logging) is applied the moment
-    ``logging`` is first imported, by the function or by the runtime itself,
-    so a function that never logs never pays for the import.
+    ``logging`` is first imported, by the function or any library it uses
+    (the runtime itself never needs it), so a function that never logs
+    never pays for the import.
     """
     global _json_log_format, _log_level
     _json_log_format = (os.environ.get("AWS_LAMBDA_LOG_FORMAT") or "").upper() == "JSON"
