@@ -165,7 +165,8 @@ pub fn response(body: Bytes, content_type: Option<&str>) -> Option<Response<Body
     // raw body (lambda-contracts.md §1.5). gust buffers it and maps it like a buffered one.
     if content_type == Some("application/vnd.awslambda.http-integration-response") {
         let split = body.windows(8).position(|w| w == [0u8; 8])?;
-        let mut prelude: serde_json::Map<String, Value> = serde_json::from_slice(&body[..split]).ok()?;
+        let mut prelude: serde_json::Map<String, Value> =
+            serde_json::from_slice(&body[..split]).ok()?;
         let raw = body.slice(split + 8..);
         prelude.entry("statusCode").or_insert(Value::from(200));
         prelude.remove("body");

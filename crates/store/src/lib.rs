@@ -158,7 +158,8 @@ impl Store {
             let t = t.trim().to_string();
             if !t.is_empty() {
                 // A token file someone loosened (or copied) is tightened again.
-                let _ = fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
+                let _ =
+                    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600));
                 return Ok((t, false));
             }
         }
