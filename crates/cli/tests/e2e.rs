@@ -784,15 +784,8 @@ e2e!(manifest_errors_and_admin_auth, async {
     // The API path: a 400 naming the line, nothing deployed.
     let body = json!({"manifest": "[service]\nname = \"m\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\nmemroy = 1\n", "code": {}});
     let r = ts
-        .client
-        .request(
-            Method::POST,
-            "/_gust/v1/services",
-            &[],
-            Bytes::from(body.to_string()),
-        )
-        .await
-        .unwrap();
+        .admin_raw(Method::POST, "/_gust/v1/services", body.to_string())
+        .await;
     assert_eq!(r.status, 400);
     let msg = body_json(&r)["error"]["message"]
         .as_str()
@@ -804,15 +797,8 @@ e2e!(manifest_errors_and_admin_auth, async {
     );
     let body = json!({"manifest": "[service]\nname = \"m\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n", "code": {}});
     let r = ts
-        .client
-        .request(
-            Method::POST,
-            "/_gust/v1/services",
-            &[],
-            Bytes::from(body.to_string()),
-        )
-        .await
-        .unwrap();
+        .admin_raw(Method::POST, "/_gust/v1/services", body.to_string())
+        .await;
     assert_eq!(r.status, 400);
     assert!(
         body_json(&r)["error"]["message"]
@@ -1056,4 +1042,33 @@ e2e!(a_caller_that_gives_up_frees_its_queue_slot, async {
         ),
         (Some(0), Some(1))
     );
+});
+
+e2e!(node_module_formats_esm_and_callbacks, async {
+    let mut ts = TestServer::start().await;
+    let svc = "[service]\nname = \"formats\"\n\
+        [functions.esm]\nruntime = \"nodejs\"\nhandler = \"esm.handler\"\n\
+        [functions.typemodule]\nruntime = \"nodejs\"\nhandler = \"src/app.main\"\n\
+        [functions.callback]\nruntime = \"nodejs\"\nhandler = \"cb.handler\"\n";
+    ts.deploy(
+        svc,
+        &[
+            ("esm.mjs", "export const handler = async (event) => ({ format: 'esm', echo: event.x });"),
+            ("src/package.json", r#"{"type":"module"}"#),
+            ("src/app.js", "const started = await Promise.resolve('tla');\nexport async function main() { return { format: 'type-module', started }; }"),
+            ("cb.js", "exports.handler = (event, context, callback) => { setTimeout(() => callback(null, { format: 'callback', id: context.awsRequestId }), 5); };"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        ts.invoke_ok("esm", r#"{"x":7}"#).await,
+        json!({"format": "esm", "echo": 7})
+    );
+    assert_eq!(
+        ts.invoke_ok("typemodule", "{}").await,
+        json!({"format": "type-module", "started": "tla"})
+    );
+    let v = ts.invoke_ok("callback", "{}").await;
+    assert_eq!(v["format"], "callback");
+    assert_eq!(v["id"].as_str().map(str::len), Some(36));
 });

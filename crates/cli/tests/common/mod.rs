@@ -132,6 +132,14 @@ impl TestServer {
         serde_json::from_slice(&r.body).expect("JSON body")
     }
 
+    /// A raw admin API call with the token, whatever the status.
+    pub async fn admin_raw(&self, method: Method, path: &str, body: String) -> Reply {
+        self.client
+            .request(method, path, &[], Bytes::from(body))
+            .await
+            .expect("admin request")
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
         self.anon
             .request(Method::GET, path, &[], Bytes::new())
