@@ -64,7 +64,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
             .with_context(|| format!("open the data dir {}", cfg.data_dir.display()))?,
     );
     let (token, token_created) = store.admin_token().context("load the admin token")?;
-    let runtimes = gust_executor::install_runtimes(&cfg.data_dir.join("runtimes"))
+    let runtimes = gust_executor::install_runtimes(&store.dir().join("runtimes"))
         .context("install the built-in runtimes into the data dir")?;
     let logs = store.log_writer().context("start the log writer")?;
     let executor = Arc::new(ProcessExecutor::new(runtimes, logs.clone()));

@@ -12,11 +12,34 @@ use serde_json::Value;
 
 const GUST: &str = env!("CARGO_BIN_EXE_gust");
 
+/// Kills the child if the test fails half-way, so no server outlives it (and holds its output).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 fn gust(data: &TempDir, server: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(GUST)
         .args(args)
         .env("GUST_SERVER", server)
-        .env("GUST_DATA_DIR", data.path())
+        .env("GUST_DATA_DIR", "state")
         .env_remove("GUST_TOKEN")
         .current_dir(data.path())
         .output()
@@ -31,12 +54,15 @@ fn gust(data: &TempDir, server: &str, args: &[&str]) -> (bool, String, String) {
 #[test]
 fn cli_round_trip_and_sigterm() {
     let data = TempDir::new("cli");
+    // A relative data dir, as the default `.gust` is: runtimes run elsewhere (in their code dir).
     let mut server = Command::new(GUST)
         .args(["serve", "--listen", "127.0.0.1:0"])
-        .env("GUST_DATA_DIR", data.path())
+        .env("GUST_DATA_DIR", "state")
+        .current_dir(data.path())
         .env("RUST_LOG", "warn")
         .stderr(Stdio::piped())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
     let mut url = None;
@@ -168,6 +194,7 @@ fn dev_serves_and_deploys_in_one_step() {
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
+        .map(KillOnDrop)
         .unwrap();
     let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
     let mut url = None;

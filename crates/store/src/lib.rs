@@ -132,6 +132,11 @@ impl Store {
             fs::create_dir_all(dir.join(sub))
                 .map_err(io(format!("create {}", dir.join(sub).display())))?;
         }
+        // Absolute from here on: runtimes run with their code dir as cwd, so a relative data dir
+        // (the default `.gust`) would point nowhere for them.
+        let dir = dir
+            .canonicalize()
+            .map_err(io(format!("resolve {}", dir.display())))?;
         let conn = open_db(&dir.join("gust.db"))?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
