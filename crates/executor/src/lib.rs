@@ -584,22 +584,24 @@ impl ProcessInstance {
             }
             _ = wait_exit(&mut exited) => {
                 self.kill();
-                // The runtime may have answered just before it exited.
+                // It died before it took the invocation (it was idle and gone): nothing ran,
+                // the pool retries elsewhere. `taken` is set under the same lock as the event
+                // is handed out, so this cannot misjudge an invocation that ran.
+                if !self.api.was_taken(&id) {
+                    self.capture.platform(Some(&id), format!(
+                        "RequestId: {id} not taken: the runtime had exited; retrying on another instance"
+                    ));
+                    self.capture.end();
+                    return InstanceOutcome::Unavailable;
+                }
+                // The runtime may have answered just before it exited (the reply is sent under
+                // the lock that clears `current`, so it is in the channel by now).
                 if let Ok(outcome) = reply_rx.try_recv() {
                     let elapsed = started.elapsed();
                     self.capture.drain();
                     self.capture.platform(Some(&id), format!("END RequestId: {id}"));
                     self.report(&id, elapsed);
                     return InstanceOutcome::Done { outcome, log_tail: self.capture.end() };
-                }
-                // It died before it took the invocation (it was idle and gone): nothing ran,
-                // the pool retries elsewhere.
-                if !self.api.is_current(&id) {
-                    self.capture.platform(Some(&id), format!(
-                        "RequestId: {id} not taken: the runtime had exited; retrying on another instance"
-                    ));
-                    self.capture.end();
-                    return InstanceOutcome::Unavailable;
                 }
                 self.api.abandon_current();
                 let detail = self.exited.borrow().clone().unwrap_or_default();

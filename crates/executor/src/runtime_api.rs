@@ -41,6 +41,8 @@ struct State {
     current: Option<Current>,
     ready: Option<oneshot::Sender<Result<(), InitError>>>,
     config_timeout: Option<Duration>,
+    /// The last invocation the runtime took through `/next` (kept after it is answered).
+    taken: Option<String>,
 }
 
 pub(crate) struct RuntimeApi {
@@ -100,12 +102,9 @@ impl RuntimeApi {
         self.state().config_timeout
     }
 
-    /// Whether the runtime has taken this invocation (and not answered it yet).
-    pub(crate) fn is_current(&self, request_id: &str) -> bool {
-        self.state()
-            .current
-            .as_ref()
-            .is_some_and(|c| c.request_id == request_id)
+    /// Whether the runtime ever took this invocation through `/next` (answered or not).
+    pub(crate) fn was_taken(&self, request_id: &str) -> bool {
+        self.state().taken.as_deref() == Some(request_id)
     }
 
     /// Drops the current invocation (timeout or crash): a late reply for it gets 400.
@@ -230,10 +229,14 @@ impl RuntimeApi {
                 "instance is shutting down",
             );
         };
-        self.state().current = Some(Current {
-            request_id: d.request_id.clone(),
-            reply: d.reply,
-        });
+        {
+            let mut st = self.state();
+            st.taken = Some(d.request_id.clone());
+            st.current = Some(Current {
+                request_id: d.request_id.clone(),
+                reply: d.reply,
+            });
+        }
         let mut r = Response::new(Full::new(d.payload));
         let h = r.headers_mut();
         // from_bytes: JSON with non-ASCII text is a valid (obs-text) header value.
@@ -342,17 +345,17 @@ impl RuntimeApi {
             },
             (Ok((headers, body)), true) => error_outcome(headers, body),
         };
-        let Some(current) = ({
+        {
+            // The reply is sent under the lock (a oneshot send never blocks), so that whoever
+            // sees `current` gone also finds the reply in its channel.
             let mut st = self.state();
-            if st.current.as_ref().is_some_and(|c| c.request_id == id) {
-                st.current.take()
-            } else {
-                None
+            match st.current.take_if(|c| c.request_id == id) {
+                Some(current) => {
+                    let _ = current.reply.send(outcome);
+                }
+                None => return invalid(),
             }
-        }) else {
-            return invalid();
-        };
-        let _ = current.reply.send(outcome);
+        }
         match body {
             Err(true) => api_error(
                 StatusCode::PAYLOAD_TOO_LARGE,

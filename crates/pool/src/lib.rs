@@ -36,6 +36,8 @@ type Waiter = oneshot::Sender<Wake>;
 /// How often a draining pool may send a request on to its replacement, and how often an
 /// invocation is retried after meeting an instance that died before taking it.
 const MAX_RETRIES: usize = 3;
+/// How often the reaper looks for idle instances that died, at most.
+const LIVENESS_CHECK: Duration = Duration::from_secs(5);
 /// After a failed start, background (min_instances) starts pause this long.
 const START_BACKOFF: Duration = Duration::from_secs(5);
 
@@ -66,7 +68,7 @@ pub struct Pool {
     counters: Mutex<Counters>,
     queue_timeout: Duration,
     /// Wakes the reaper when the idle set changes.
-    reaper_wake: Notify,
+    reaper_wake: Arc<Notify>,
     /// Every instance started, for the kill at shutdown (busy ones included).
     live: Mutex<Vec<Weak<dyn Instance>>>,
     last_start_failure: Mutex<Option<Instant>>,
@@ -87,11 +89,11 @@ impl Pool {
             executor,
             state: Mutex::new(PoolState::new(limits)),
             counters: Mutex::new(Counters::default()),
-            reaper_wake: Notify::new(),
+            reaper_wake: Arc::new(Notify::new()),
             live: Mutex::new(Vec::new()),
             last_start_failure: Mutex::new(None),
         });
-        tokio::spawn(reaper(Arc::downgrade(&pool)));
+        tokio::spawn(reaper(Arc::downgrade(&pool), pool.reaper_wake.clone()));
         pool
     }
 
@@ -149,9 +151,16 @@ impl Pool {
                     .last_start_failure
                     .lock()
                     .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-                let waiters = self.state().start_failed();
+                let (waiters, draining) = {
+                    let mut st = self.state();
+                    (st.start_failed(), st.is_draining())
+                };
                 for w in waiters {
-                    let _ = w.send(Wake::InitFailed(e.clone()));
+                    let _ = w.send(if draining {
+                        Wake::Retry
+                    } else {
+                        Wake::InitFailed(e.clone())
+                    });
                 }
                 false
             }
@@ -230,9 +239,17 @@ impl Pool {
         let woken = match tokio::time::timeout(wait, &mut *rx).await {
             Ok(r) => r.ok(),
             Err(_) => {
-                if self.state().cancel(ticket).is_some() {
+                let (cancelled, draining) = {
+                    let mut st = self.state();
+                    (st.cancel(ticket).is_some(), st.is_draining())
+                };
+                if cancelled {
                     guard.rx = None;
-                    return Err(AcquireError::QueueTimeout);
+                    return Err(if draining {
+                        AcquireError::Retry
+                    } else {
+                        AcquireError::QueueTimeout
+                    });
                 }
                 // Handed over while timing out: it is (or is about to be) in the channel.
                 (&mut *rx).await.ok()
@@ -258,9 +275,9 @@ impl Pool {
     /// instance died before taking the invocation; retry (on the live pool).
     async fn invoke_once(
         self: &Arc<Self>,
+        request_id: String,
         invocation: Invocation,
     ) -> Result<InvokeResult, Option<InvokeError>> {
-        let request_id = uuid::Uuid::new_v4().to_string();
         let tail = invocation.tail_log;
         let inst = match self.acquire().await {
             Ok(i) => i,
@@ -306,10 +323,16 @@ impl Pool {
         };
         // The invocation runs in its own task so that the instance is released even if the
         // caller goes away mid-invocation (axum drops the handler future on disconnect).
-        let pool = self.clone();
+        let mut lease = Lease {
+            pool: self.clone(),
+            inst: Some(inst),
+        };
         let task = tokio::spawn(async move {
+            let inst = lease.inst.clone().expect("leased");
             let outcome = inst.invoke(req).await;
-            pool.finish(inst, &outcome);
+            lease
+                .pool
+                .finish(lease.inst.take().expect("leased"), &outcome);
             outcome
         });
         let outcome = task.await.map_err(|e| {
@@ -373,7 +396,10 @@ impl Pool {
 
     /// Stops taking work: idle instances stop now, busy ones after they finish.
     pub fn drain(&self) {
-        let idle = self.state().drain();
+        let (idle, orphans) = self.state().drain();
+        for w in orphans {
+            let _ = w.send(Wake::Retry);
+        }
         self.reaper_wake.notify_one();
         for inst in idle {
             tokio::spawn(async move { inst.stop().await });
@@ -415,6 +441,28 @@ enum AcquireError {
     Retry,
 }
 
+/// An instance out on an invocation. Normally `finish` takes it back; if the invocation task
+/// panicked (or was dropped at runtime shutdown) the instance is discarded here, so the pool's
+/// `busy` count stays true.
+struct Lease {
+    pool: Arc<Pool>,
+    inst: Option<Inst>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(inst) = self.inst.take() {
+            // No spawning here: this may run while the runtime shuts down. The reaper starts
+            // replacements; waiters no instance will serve go to the live pool.
+            inst.kill();
+            let orphans = self.pool.state().discarded();
+            for w in orphans {
+                let _ = w.send(Wake::Retry);
+            }
+        }
+    }
+}
+
 /// Cleans up a queued request whose future is dropped before it got an instance.
 struct QueuedGuard<'a> {
     pool: &'a Arc<Pool>,
@@ -439,17 +487,23 @@ impl Drop for QueuedGuard<'_> {
 }
 
 /// Stops idle instances past their idle timeout; ends when the pool is dropped.
-async fn reaper(pool: Weak<Pool>) {
+async fn reaper(pool: Weak<Pool>, wake: Arc<Notify>) {
     loop {
         let (sleep, expired) = {
             let Some(p) = pool.upgrade() else { return };
+            if p.state().is_draining() && p.state().total() == 0 {
+                return;
+            }
             let now = Instant::now();
             let mut st = p.state();
-            let expired = st.reap(now);
+            // Idle instances whose process died (say, a timer threw after the response)
+            // leave the pool here, so `min_instances` is restored without waiting for a caller.
+            let mut expired = st.prune(|i| i.is_alive());
+            expired.extend(st.reap(now));
             let sleep = st
                 .next_expiry(now)
-                .unwrap_or(Duration::from_secs(3600))
-                .max(Duration::from_millis(50));
+                .unwrap_or(LIVENESS_CHECK)
+                .clamp(Duration::from_millis(50), LIVENESS_CHECK);
             drop(st);
             let failed_recently = p
                 .last_start_failure
@@ -465,16 +519,10 @@ async fn reaper(pool: Weak<Pool>) {
         for inst in expired {
             inst.stop().await;
         }
-        let Some(p) = pool.upgrade() else { return };
-        let wake = async {
-            p.reaper_wake.notified().await;
-        };
+        // Only the Notify is held while sleeping, not the pool: a retired pool can go away.
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
-            _ = wake => {}
-        }
-        if p.state().is_draining() && p.state().total() == 0 {
-            return;
+            _ = wake.notified() => {}
         }
     }
 }
@@ -617,6 +665,8 @@ impl Invoker for Pools {
         invocation: Invocation,
     ) -> BoxFuture<'a, Result<InvokeResult, InvokeError>> {
         Box::pin(async move {
+            // One request id for the invocation, whichever pool or instance ends up running it.
+            let request_id = uuid::Uuid::new_v4().to_string();
             for _ in 0..=MAX_RETRIES {
                 if self
                     .shutting_down
@@ -628,7 +678,10 @@ impl Invoker for Pools {
                     .get(function)
                     .ok_or_else(|| InvokeError::NotFound(function.to_string()))?;
                 // Cheap: the payload is reference-counted bytes.
-                match pool.invoke_once(invocation.clone()).await {
+                match pool
+                    .invoke_once(request_id.clone(), invocation.clone())
+                    .await
+                {
                     Ok(r) => return Ok(r),
                     Err(Some(e)) => return Err(e),
                     Err(None) => tokio::task::yield_now().await,

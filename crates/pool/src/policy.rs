@@ -100,7 +100,7 @@ impl<I, W> PoolState<I, W> {
         // instances go to waiters first, so starts can outnumber waiters during a ramp-up);
         // only an uncovered waiter starts another instance or takes a queue slot.
         let covered = self.waiters.len() < self.starting;
-        if self.draining && !covered && self.busy == 0 {
+        if self.draining && !covered {
             return Admit::Retry;
         }
         let start = !covered && !self.draining && self.total() < self.limits.max_instances;
@@ -153,12 +153,14 @@ impl<I, W> PoolState<I, W> {
         self.release(inst, now)
     }
 
-    /// An instance failed to start. Returns the waiters no other starting instance covers:
-    /// each gets the init error (Lambda returns it to every invocation that met it).
+    /// An instance failed to start. Returns the waiters no other instance (starting or busy)
+    /// covers: each gets the init error (Lambda returns it to every invocation that met it) —
+    /// or, in a draining pool, is sent to the live pool, whose code may well start.
     pub fn start_failed(&mut self) -> Vec<W> {
         self.starting -= 1;
         let mut out = Vec::new();
-        while self.waiters.len() > self.starting {
+        // Waiters that busy instances will serve did not meet the failure.
+        while self.waiters.len() > self.starting + self.busy {
             match self.waiters.pop_front() {
                 Some((_, w)) => out.push(w),
                 None => break,
@@ -218,11 +220,34 @@ impl<I, W> PoolState<I, W> {
     }
 
     /// Stops taking new work for good (a redeploy replaced this pool, or the function was
-    /// removed): returns the idle instances to stop. Busy ones stop when released, after
-    /// serving whoever still waits.
-    pub fn drain(&mut self) -> Vec<I> {
+    /// removed): returns the idle instances to stop, and the waiters no starting instance
+    /// covers, to be sent to the live pool rather than wait for this one's busy instances.
+    pub fn drain(&mut self) -> (Vec<I>, Vec<W>) {
         self.draining = true;
-        self.take_idle()
+        let mut orphans = Vec::new();
+        while self.waiters.len() > self.starting {
+            match self.waiters.pop_back() {
+                Some((_, w)) => orphans.push(w),
+                None => break,
+            }
+        }
+        orphans.reverse();
+        (self.take_idle(), orphans)
+    }
+
+    /// Drops idle instances whose process died while idle (so `min_instances` can be
+    /// replaced); returns them.
+    pub fn prune(&mut self, alive: impl Fn(&I) -> bool) -> Vec<I> {
+        let mut dead = Vec::new();
+        let mut i = 0;
+        while i < self.idle.len() {
+            if alive(&self.idle[i].0) {
+                i += 1;
+            } else {
+                dead.push(self.idle.remove(i).0);
+            }
+        }
+        dead
     }
 
     /// The time until the next idle instance expires, for the reaper's sleep; `None` when
@@ -426,16 +451,22 @@ mod tests {
     fn draining_pool_sends_callers_to_the_live_one() {
         let t0 = Instant::now();
         let mut p: PoolState<u32, u32> = PoolState::new(limits(2, 0, 5));
-        assert!(p.drain().is_empty());
+        assert!(p.drain().0.is_empty());
         assert_eq!(p.admit(|_| true, || 1), Admit::Retry);
-        // Waiters behind a busy instance that then dies are handed back for a retry.
+        // A caller covered by an instance still starting waits for it.
         let mut p: PoolState<u32, u32> = PoolState::new(limits(1, 0, 5));
         p.admit(|_| true, || 1);
+        let (_, orphans) = p.drain();
+        assert!(orphans.is_empty());
         assert_eq!(p.started(9, t0), Handoff::ToWaiter(1, 9));
-        p.admit(|_| true, || 2);
-        p.drain();
-        assert_eq!(p.discarded(), vec![2]);
+        assert!(p.discarded().is_empty());
         assert_eq!(p.total(), 0);
+        // Dead idle instances are pruned.
+        let mut p: PoolState<u32, u32> = PoolState::new(limits(2, 1, 5));
+        p.starts_needed();
+        p.started(3, t0);
+        assert_eq!(p.prune(|i| *i != 3), vec![3]);
+        assert_eq!(p.starts_needed(), 1, "the minimum is restored");
     }
 
     #[test]
@@ -445,8 +476,10 @@ mod tests {
         p.admit(|_| true, || 1);
         p.admit(|_| true, || 2);
         assert_eq!(p.started(9, t0), Handoff::ToWaiter(1, 9));
-        assert!(p.drain().is_empty());
-        assert_eq!(p.release(9, t0), Handoff::ToWaiter(2, 9));
+        // The queued caller is not kept waiting behind the old version's busy instance.
+        let (idle, orphans) = p.drain();
+        assert!(idle.is_empty());
+        assert_eq!(orphans, vec![2]);
         assert_eq!(p.release(9, t0), Handoff::Stop(9));
         assert_eq!(p.starts_needed(), 0);
     }
