@@ -1072,3 +1072,48 @@ e2e!(node_module_formats_esm_and_callbacks, async {
     assert_eq!(v["format"], "callback");
     assert_eq!(v["id"].as_str().map(str::len), Some(36));
 });
+
+e2e!(redeploy_moves_queued_callers_to_the_new_version, async {
+    let mut ts = TestServer::start().await;
+    let m = |v: &str| {
+        probe_manifest(
+            "mv",
+            &format!(
+                "timeout = 10\nenvironment = {{ VERSION = \"{v}\" }}\n[functions.mv.scaling]\nmax_instances = 1\nqueue_length = 5"
+            ),
+        )
+    };
+    ts.deploy(&m("v1"), &[("index.js", PROBE)]).await;
+    ts.invoke_ok("mv", "{}").await;
+    let ts = Arc::new(ts);
+    let t2 = ts.clone();
+    let long = tokio::spawn(async move { t2.invoke("mv", r#"{"sleep_ms":3000}"#).await });
+    ts.wait_for("mv", Duration::from_secs(5), |d| {
+        d["instances"]["busy"] == 1
+    })
+    .await;
+    let t3 = ts.clone();
+    let queued = tokio::spawn(async move {
+        let t = Instant::now();
+        (t3.invoke("mv", "{}").await, t.elapsed())
+    });
+    ts.wait_for("mv", Duration::from_secs(5), |d| {
+        d["instances"]["waiting"] == 1
+    })
+    .await;
+    let dir = write_service(&m("v2"), &[("index.js", PROBE)]);
+    ts.deploy_dir(dir.path()).await.unwrap();
+    let (r, waited) = queued.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(body_json(&r)["version"], "v2", "served by the new version");
+    assert!(
+        waited < Duration::from_millis(2500),
+        "did not wait for the old version's busy instance: {waited:?}"
+    );
+    let r = long.await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), body_json(&r)["version"].as_str()),
+        (200, Some("v1")),
+        "the old instance finished its call"
+    );
+});
