@@ -947,7 +947,10 @@ module.exports.slow = {
 e2e!(restart_keeps_functions_and_shutdown_leaves_nothing, async {
     let mut ts = TestServer::start().await;
     ts.deploy(
-        &probe_manifest("keep", "[functions.keep.scaling]\nmax_instances = 2"),
+        &probe_manifest(
+            "keep",
+            "[functions.keep.scaling]\nmax_instances = 2\nmin_instances = 1",
+        ),
         &[("index.js", PROBE)],
     )
     .await;
@@ -956,6 +959,16 @@ e2e!(restart_keeps_functions_and_shutdown_leaves_nothing, async {
     assert!(
         !pid_alive(before["pid"].as_i64().unwrap()),
         "instances stop with the server"
+    );
+    // The minimum instance is warmed again after the restart, in the background.
+    let d = ts
+        .wait_for("keep", Duration::from_secs(10), |d| {
+            d["instances"]["idle"] == 1
+        })
+        .await;
+    assert_eq!(
+        d["instances"]["idle"], 1,
+        "min_instances restored after a restart"
     );
     let after = ts.invoke_ok("keep", "{}").await;
     assert_eq!(after["count"], 1);

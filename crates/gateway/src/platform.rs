@@ -71,7 +71,8 @@ impl Platform {
         }))
     }
 
-    /// Brings every stored function back after a restart.
+    /// Brings every stored function back after a restart (minimum instances warm up in the
+    /// background).
     pub async fn restore(&self) -> Result<usize, ApiError> {
         let _guard = self.deploy_lock.lock().await;
         let functions = self.store.functions()?;
@@ -83,8 +84,10 @@ impl Platform {
             }
         }
         self.rebuild_routes();
+        // Warm the minimum instances in the background: the server serves at once, and a
+        // request that comes first simply cold-starts.
         for p in pools {
-            p.start_min().await;
+            tokio::spawn(async move { p.start_min().await });
         }
         Ok(functions.len())
     }
