@@ -163,6 +163,40 @@ fn collect(dir: &Path, rel: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> anyhow:
     Ok(())
 }
 
+/// A fingerprint of a service directory's files (paths, sizes, modification times), for
+/// `gust dev`'s change detection. `node_modules` and other dependency or state dirs are not
+/// walked: watching them every half second would cost more than it tells.
+pub fn fingerprint(dir: &Path) -> u64 {
+    use std::hash::{Hash, Hasher};
+    fn walk(dir: &Path, h: &mut std::collections::hash_map::DefaultHasher) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        let mut entries: Vec<_> = rd.filter_map(Result::ok).collect();
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name();
+            if [".git", ".gust", "__pycache__", "node_modules", "target"]
+                .iter()
+                .any(|n| name == *n)
+            {
+                continue;
+            }
+            let Ok(meta) = e.metadata() else { continue };
+            e.path().hash(h);
+            if meta.is_dir() {
+                walk(&e.path(), h);
+            } else {
+                meta.len().hash(h);
+                meta.modified().ok().hash(h);
+            }
+        }
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    walk(dir, &mut h);
+    h.finish()
+}
+
 /// Packs a code directory. Entries are sorted and stamped with fixed times and owners, so the
 /// same code always gives the same hash (and is uploaded once).
 pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {

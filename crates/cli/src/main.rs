@@ -56,7 +56,7 @@ struct ServeArgs {
 enum Command {
     /// Run the platform: HTTP routes, the Invoke API and the admin API.
     Serve(ServeArgs),
-    /// Serve and deploy DIR's gust.toml in one step, for local development.
+    /// Serve and deploy DIR's gust.toml in one step, and redeploy when its files change.
     Dev {
         #[arg(default_value = ".")]
         dir: PathBuf,
@@ -172,8 +172,32 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     dir.display()
                 ),
             }
-            eprintln!("gust dev is serving on {} — ctrl-c to stop", server.url());
-            wait_for_signal().await;
+            eprintln!(
+                "gust dev is serving on {} and redeploys when {} changes — ctrl-c to stop",
+                server.url(),
+                dir.display()
+            );
+            let signal = wait_for_signal();
+            tokio::pin!(signal);
+            let mut seen = client::fingerprint(dir);
+            loop {
+                tokio::select! {
+                    _ = &mut signal => break,
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+                let now = client::fingerprint(dir);
+                if now == seen {
+                    continue;
+                }
+                seen = now;
+                eprintln!("change in {}: redeploying", dir.display());
+                match client::deploy(&c, dir, |m| eprintln!("{m}")).await {
+                    Ok(r) => print_deploy(&cli, &r, false),
+                    Err(e) => eprintln!(
+                        "error: redeploy failed: {e:#} (still serving the previous version)"
+                    ),
+                }
+            }
             server.stop().await;
             Ok(())
         }

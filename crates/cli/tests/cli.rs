@@ -185,8 +185,13 @@ fn cli_round_trip_and_sigterm() {
 fn dev_serves_and_deploys_in_one_step() {
     use std::io::{Read, Write};
     let data = TempDir::new("dev");
-    let example =
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello-node");
+    // A copy of the example, to edit while `gust dev` watches it.
+    let example = data.path().join("hello-node");
+    std::fs::create_dir_all(&example).unwrap();
+    let src = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples/hello-node");
+    for f in ["gust.toml", "index.js"] {
+        std::fs::copy(src.join(f), example.join(f)).unwrap();
+    }
     let mut dev = Command::new(GUST)
         .args(["dev", example.to_str().unwrap(), "--listen", "127.0.0.1:0"])
         .env("GUST_DATA_DIR", data.path())
@@ -213,15 +218,38 @@ fn dev_serves_and_deploys_in_one_step() {
         .unwrap()
         .to_string();
     let path = &url[url.find(&addr).unwrap() + addr.len()..];
-    let mut s = std::net::TcpStream::connect(&addr).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut resp = String::new();
-    s.read_to_string(&mut resp).unwrap();
+    let get = || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        resp
+    };
+    let resp = get();
     assert!(
         resp.starts_with("HTTP/1.0 200") || resp.starts_with("HTTP/1.1 200"),
         "{resp}"
     );
     assert!(resp.contains("Hello, world!"), "{resp}");
+    // An edit is picked up without a restart.
+    let code = std::fs::read_to_string(example.join("index.js")).unwrap();
+    std::fs::write(
+        example.join("index.js"),
+        code.replace("process.env.GREETING", "'Howdy'"),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let resp = get();
+        if resp.contains("Howdy, world!") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the edit was not redeployed: {resp}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     Command::new("kill")
         .args(["-INT", &dev.id().to_string()])
         .status()
