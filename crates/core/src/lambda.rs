@@ -34,48 +34,9 @@ pub fn exit_body(request_id: &str, detail: &str) -> Bytes {
     )
 }
 
-/// Normalises a runtime-reported error type the way Lambda does for its own bookkeeping:
-/// `Runtime.X`/`Function.X` are kept, other `Function.` types become `Function.Unknown`, the rest
-/// `Runtime.Unknown`. The payload itself is passed through unchanged.
-pub fn normalise_error_type(t: &str) -> &str {
-    fn well_formed(rest: &str) -> bool {
-        let mut chars = rest.chars();
-        matches!(chars.next(), Some(c) if c.is_ascii_uppercase())
-            && chars.clone().next().is_some()
-            && chars.all(|c| c.is_ascii_alphabetic())
-    }
-    if let Some(rest) = t
-        .strip_prefix("Runtime.")
-        .or_else(|| t.strip_prefix("Function."))
-        && well_formed(rest)
-    {
-        return t;
-    }
-    if t.starts_with("Function.") {
-        "Function.Unknown"
-    } else {
-        "Runtime.Unknown"
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn error_types_normalise_like_lambda() {
-        assert_eq!(
-            normalise_error_type("Runtime.HandlerNotFound"),
-            "Runtime.HandlerNotFound"
-        );
-        assert_eq!(
-            normalise_error_type("Function.ResponseSizeTooLarge"),
-            "Function.ResponseSizeTooLarge"
-        );
-        assert_eq!(normalise_error_type("Function.x"), "Function.Unknown");
-        assert_eq!(normalise_error_type("KeyError"), "Runtime.Unknown");
-        assert_eq!(normalise_error_type("Runtime.A"), "Runtime.Unknown");
-    }
 
     #[test]
     fn timeout_body_names_the_request_and_duration() {

@@ -373,6 +373,7 @@ impl Pool {
             let handoff = self.state().release(inst, Instant::now());
             self.place(handoff);
         } else {
+            tracing::debug!(function = %self.function.spec.name, instance = inst.id(), "discarding a dead instance");
             inst.kill();
             let (starts, orphans) = {
                 let mut st = self.state();
