@@ -275,6 +275,14 @@ mod tests {
         }
     }
 
+    /// Admits waiter `w` (every instance alive) and returns `Some(start)` if it was queued.
+    fn queued<I, W>(p: &mut PoolState<I, W>, w: W) -> Option<bool> {
+        match p.admit(|_| true, || w) {
+            Admit::Queued { start, .. } => Some(start),
+            _ => None,
+        }
+    }
+
     #[test]
     fn cold_start_then_warm_reuse_mru_first() {
         let t0 = Instant::now();
@@ -307,19 +315,10 @@ mod tests {
     fn concurrent_requests_never_share_and_queue_is_bounded() {
         let t0 = Instant::now();
         let mut p: PoolState<u32, u32> = PoolState::new(limits(2, 0, 1));
-        assert!(matches!(
-            p.admit(|_| true, || 1),
-            Admit::Queued { start: true, .. }
-        ));
-        assert!(matches!(
-            p.admit(|_| true, || 2),
-            Admit::Queued { start: true, .. }
-        ));
+        assert_eq!(queued(&mut p, 1), Some(true));
+        assert_eq!(queued(&mut p, 2), Some(true));
         // At the limit: one may queue, the next is throttled.
-        assert!(matches!(
-            p.admit(|_| true, || 3),
-            Admit::Queued { start: false, .. }
-        ));
+        assert_eq!(queued(&mut p, 3), Some(false));
         assert_eq!(p.admit(|_| true, || 4), Admit::Throttled);
         assert_eq!(p.started(10, t0), Handoff::ToWaiter(1, 10));
         assert_eq!(p.started(11, t0), Handoff::ToWaiter(2, 11));
@@ -333,14 +332,8 @@ mod tests {
     fn ramp_up_does_not_start_more_than_it_needs() {
         let t0 = Instant::now();
         let mut p: PoolState<u32, u32> = PoolState::new(limits(8, 0, 0));
-        assert!(matches!(
-            p.admit(|_| true, || 1),
-            Admit::Queued { start: true, .. }
-        ));
-        assert!(matches!(
-            p.admit(|_| true, || 2),
-            Admit::Queued { start: true, .. }
-        ));
+        assert_eq!(queued(&mut p, 1), Some(true));
+        assert_eq!(queued(&mut p, 2), Some(true));
         assert_eq!(p.started(10, t0), Handoff::ToWaiter(1, 10));
         // The first caller is done before the second instance is up: the freed instance goes
         // to the second caller, and a new request is covered by the instance still starting.
@@ -355,10 +348,7 @@ mod tests {
         assert_eq!(p.started(11, t0), Handoff::ToWaiter(3, 11));
         assert_eq!(p.total(), 2);
         // Once no start covers it, a request starts one again (queue length 0 is no obstacle).
-        assert!(matches!(
-            p.admit(|_| true, || 4),
-            Admit::Queued { start: true, .. }
-        ));
+        assert_eq!(queued(&mut p, 4), Some(true));
     }
 
     #[test]
@@ -394,10 +384,7 @@ mod tests {
         assert_eq!(p.starts_needed(), 1);
         assert_eq!(p.started(1, t0), Handoff::Idle);
         assert_eq!(p.admit(|_| true, || 0), Admit::Run(1));
-        assert!(matches!(
-            p.admit(|_| true, || 7),
-            Admit::Queued { start: false, .. }
-        ));
+        assert_eq!(queued(&mut p, 7), Some(false));
         assert!(p.discarded().is_empty());
         // A waiter is left with nothing to serve it: start one.
         assert_eq!(p.starts_needed(), 1);
