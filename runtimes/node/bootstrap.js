@@ -6,8 +6,13 @@
 // Lambda Runtime API (GET /next -> run handler -> POST /response|/error) exposed by
 // gust at $AWS_LAMBDA_RUNTIME_API.
 //
+// With GUST_PREWARM=1 the process is a generic pre-warmed sandbox: it starts without
+// any function, loads what does not depend on one, and blocks on
+// GET /runtime/gust/specialize until gust assigns a function (see specialize()). It
+// then takes that function's environment and code directory and starts like above.
+//
 // Layout of this file:
-//   1. configuration read once from the environment
+//   1. configuration read once from the environment (again after specialize())
 //   2. console patching (AWS log line format)
 //   3. RuntimeClient: a minimal HTTP/1.1 client on ONE keep-alive TCP socket
 //   4. error serialisation helpers
@@ -15,7 +20,8 @@
 //   6. Lambda-style invocation (async / callback / context.done)
 //   7. plain-module style (`{ func(req, res), config }`) request/response adapter
 //   8. crash handling (uncaught exceptions / unhandled rejections)
-//   9. main(): init, optional POST /runtime/gust/config, the invoke loop
+//   9. main(): optional GET /runtime/gust/specialize, init, optional POST
+//      /runtime/gust/config, the invoke loop
 //
 // Performance notes: the hot loop is the reason this does not use node:http. Node's
 // http client costs several allocations, closures and event-loop turns per request
@@ -39,20 +45,39 @@ const { pathToFileURL } = require('node:url');
 // ---------------------------------------------------------------------------
 
 const env = process.env;
-const RUNTIME_API = env.AWS_LAMBDA_RUNTIME_API;
-// gust's built-in runtimes reach the same Runtime API over a Unix socket when one is
-// offered: loopback TCP costs several times more per request in both processes. The
-// variable is removed so the function's own code never sees it.
-const RUNTIME_API_SOCKET = env.GUST_RUNTIME_API_SOCKET;
-delete env.GUST_RUNTIME_API_SOCKET;
-const HANDLER = env._HANDLER || '';
-const TASK_ROOT = env.LAMBDA_TASK_ROOT || process.cwd();
-const FUNCTION_NAME = env.AWS_LAMBDA_FUNCTION_NAME;
-const FUNCTION_VERSION = env.AWS_LAMBDA_FUNCTION_VERSION;
-// AWS exposes the memory size as a string on the context object, keep that.
-const MEMORY_SIZE = env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE;
-const LOG_GROUP = env.AWS_LAMBDA_LOG_GROUP_NAME;
-const LOG_STREAM = env.AWS_LAMBDA_LOG_STREAM_NAME;
+const PREWARM = env.GUST_PREWARM === '1';
+// True while a pre-warmed sandbox waits to be assigned a function.
+let specializing = false;
+
+let RUNTIME_API;
+let RUNTIME_API_SOCKET;
+let HANDLER;
+let TASK_ROOT;
+let FUNCTION_NAME;
+let FUNCTION_VERSION;
+let MEMORY_SIZE;
+let LOG_GROUP;
+let LOG_STREAM;
+
+// Called once at start, and once more after specialize() replaced the environment.
+function readConfig() {
+  RUNTIME_API = env.AWS_LAMBDA_RUNTIME_API;
+  // gust's built-in runtimes reach the same Runtime API over a Unix socket when one is
+  // offered: loopback TCP costs several times more per request in both processes. The
+  // variable is removed so the function's own code never sees it.
+  RUNTIME_API_SOCKET = env.GUST_RUNTIME_API_SOCKET;
+  delete env.GUST_RUNTIME_API_SOCKET;
+  HANDLER = env._HANDLER || '';
+  TASK_ROOT = env.LAMBDA_TASK_ROOT || process.cwd();
+  FUNCTION_NAME = env.AWS_LAMBDA_FUNCTION_NAME;
+  FUNCTION_VERSION = env.AWS_LAMBDA_FUNCTION_VERSION;
+  // AWS exposes the memory size as a string on the context object, keep that.
+  MEMORY_SIZE = env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE;
+  LOG_GROUP = env.AWS_LAMBDA_LOG_GROUP_NAME;
+  LOG_STREAM = env.AWS_LAMBDA_LOG_STREAM_NAME;
+}
+
+readConfig();
 
 const API = '/2018-06-01/runtime';
 
@@ -286,6 +311,9 @@ class RuntimeClient {
     }
     this.sock = null;
     this.resetParser();
+    // A pre-warmed sandbox that loses gust before being assigned a function is being
+    // discarded.
+    if (specializing) process.exit(1);
     if (this.queue.length > 0) this.scheduleRetry();
     // With nothing in flight we reconnect lazily on the next send().
   }
@@ -398,17 +426,22 @@ class RuntimeClient {
   }
 }
 
-const client = (() => {
+let client;
+let HOST_LINE;
+let NEXT_REQUEST;
+
+function createClient() {
   if (!RUNTIME_API) {
     process.stderr.write('gust runtime: AWS_LAMBDA_RUNTIME_API is not set\n');
     process.exit(1);
   }
   const { host, port } = parseHostPort(RUNTIME_API);
-  return new RuntimeClient(host, port, RUNTIME_API_SOCKET || undefined);
-})();
+  client = new RuntimeClient(host, port, RUNTIME_API_SOCKET || undefined);
+  HOST_LINE = `Host: ${RUNTIME_API}\r\n`;
+  NEXT_REQUEST = `GET ${API}/invocation/next HTTP/1.1\r\n${HOST_LINE}\r\n`;
+}
 
-const HOST_LINE = `Host: ${RUNTIME_API}\r\n`;
-const NEXT_REQUEST = `GET ${API}/invocation/next HTTP/1.1\r\n${HOST_LINE}\r\n`;
+createClient();
 
 // Builds a complete POST as one string (one write, one TCP segment for small
 // bodies). `extraHeaders` must be complete "Name: value\r\n" lines.
@@ -1024,12 +1057,50 @@ async function invoke(next) {
   return out;
 }
 
+// GUST_PREWARM=1: everything that does not depend on a function is loaded by now.
+// Wait (possibly forever) for gust to assign one, then become its runtime: its
+// environment, its code directory, and everything above that was read from the
+// environment read again. Exits 1 if gust discards the sandbox instead.
+async function specialize() {
+  // Initialises the ESM loader now rather than in an ESM handler's init (~3 ms).
+  await import('node:url');
+  specializing = true;
+  const res = await client.request(`GET ${API}/gust/specialize HTTP/1.1\r\n${HOST_LINE}\r\n`);
+  specializing = false;
+  if (res.status !== 200) process.exit(1);
+  let spec = null;
+  try {
+    spec = JSON.parse(res.body.toString('utf8'));
+    if (spec === null || typeof spec !== 'object' || spec.env === null || typeof spec.env !== 'object') {
+      throw new Error('no "env" object');
+    }
+    for (const k of Object.keys(env)) delete env[k];
+    // Assigning TZ also resets Node's time zone cache.
+    for (const k of Object.keys(spec.env)) env[k] = String(spec.env[k]);
+    if (spec.task_root) process.chdir(spec.task_root);
+  } catch (e) {
+    process.stderr.write(`gust runtime: cannot specialize: ${e.message}\n`);
+    process.exit(1);
+  }
+  // The global module paths ($NODE_PATH, $HOME/.node_modules) were computed at start.
+  const Module = require('node:module');
+  if (typeof Module._initPaths === 'function') Module._initPaths();
+  const before = `${RUNTIME_API}\n${RUNTIME_API_SOCKET}`;
+  readConfig();
+  if (`${RUNTIME_API}\n${RUNTIME_API_SOCKET}` !== before) {
+    // A different Runtime API (not expected: gust passes the same one again).
+    if (client.sock !== null) client.sock.destroy();
+    createClient();
+  }
+}
+
 let target = null;
 
 async function main() {
   installLogging();
   process.on('uncaughtException', (e) => crash(e, false));
   process.on('unhandledRejection', (r) => crash(r, true));
+  if (PREWARM) await specialize();
 
   try {
     target = await loadHandler();

@@ -12,6 +12,12 @@ This process:
   3. loops forever: ``GET /invocation/next`` -> ``handler(event, context)``
      -> ``POST /invocation/{id}/response`` (or ``/error``).
 
+With ``GUST_PREWARM=1`` the process is a generic pre-warmed sandbox: it
+starts without any function, loads what does not depend on one, and blocks
+on ``GET /runtime/gust/specialize`` until gust assigns a function (see
+``_specialize``). It then takes that function's environment and code
+directory and carries on with step 1.
+
 Layout (top to bottom): constants; JSON on the C accelerator; the HTTP/1.1
 keep-alive client (``RuntimeAPIClient``); error helpers; context objects;
 logging setup (lazy, see below); handler loading; the invoke loop; ``main``.
@@ -1305,15 +1311,84 @@ def _setup_sys_path():
     sys.path.insert(0, task_root)
 
 
+def _runtime_client(warm=None):
+    # Removed from the environment so the function's code never sees it.
+    unix_path = os.environ.pop("GUST_RUNTIME_API_SOCKET", None)
+    client = RuntimeAPIClient(os.environ.get("AWS_LAMBDA_RUNTIME_API") or "127.0.0.1:9001", unix_path)
+    if warm is not None:
+        # Keep the connection the specialize request used when the function's
+        # environment names the same Runtime API (gust passes it again).
+        if (warm._unix, warm._addr, warm._host_line) == (unix_path, client._addr, client._host_line):
+            return warm
+        warm._close()
+    return client
+
+
+def _specialize():
+    """GUST_PREWARM=1: wait for gust to assign a function, then become its runtime.
+
+    Everything that does not depend on the function is loaded first; the
+    request then blocks (possibly forever). The answer is
+    ``{"env": {...}, "task_root": "..."}``: the environment is replaced by
+    ``env`` and the working directory becomes ``task_root``, so that main()
+    reads everything else from the function's environment as a normal start
+    does. Exits 1 if gust discards the sandbox instead. Returns the client
+    the request went out on.
+    """
+    global _logging_configured
+    # Imported now rather than lazily during the function's init (see the
+    # module docstring). _setup_logging() configures the root logger later,
+    # from the function's environment; the flag stops _StdlibFinder from
+    # doing it now.
+    _logging_configured = True
+    import importlib
+    import json
+    import logging
+    import site
+    import traceback
+    _logging_configured = False
+
+    client = _runtime_client()
+    head = (
+        "GET %s/gust/specialize HTTP/1.1\r\n%s\r\n" % (_RUNTIME_PREFIX, client._host_line)
+    ).encode("latin-1")
+    try:
+        client._connect()
+        status, _headers, body = client._roundtrip(head, None)
+    except (OSError, _ConnectionLost, ValueError):
+        status = 0
+    if status != 200:
+        _exit(1)
+    try:
+        spec = _json_loads(body)
+        env = spec["env"]
+        os.environ.clear()
+        os.environ.update(env)
+        time.tzset()
+        if spec.get("task_root"):
+            os.chdir(spec["task_root"])
+    except Exception as e:
+        _stderr("gust python runtime: cannot specialize: %s" % _exc_text(e))
+        _exit(1)
+    # The interpreter read PYTHONPATH at startup, from the sandbox's
+    # environment: put the function's entries where they would have gone
+    # (after the runtime's directory, before the stdlib).
+    pythonpath = os.environ.get("PYTHONPATH")
+    if pythonpath:
+        entries = [os.path.abspath(p) for p in pythonpath.split(os.pathsep)]
+        sys.path[1:1] = entries
+        _STARTUP_PATH[1:1] = entries
+    return client
+
+
 def main():
     _install_stdlib_finder()
+    warm = _specialize() if os.environ.get("GUST_PREWARM") == "1" else None
     _setup_sys_path()
     _load_static_context()
     _setup_logging()
 
-    # Removed from the environment so the function's code never sees it.
-    unix_path = os.environ.pop("GUST_RUNTIME_API_SOCKET", None)
-    client = RuntimeAPIClient(os.environ.get("AWS_LAMBDA_RUNTIME_API") or "127.0.0.1:9001", unix_path)
+    client = _runtime_client(warm)
 
     # awslambdaric takes the handler from argv[1]; accept that too.
     spec = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] else os.environ.get("_HANDLER", "")

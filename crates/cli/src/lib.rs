@@ -3,5 +3,6 @@
 //! top; the end-to-end tests use the same functions.
 
 pub mod client;
+pub mod doctor;
 pub mod scaffold;
 pub mod server;

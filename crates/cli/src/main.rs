@@ -50,6 +50,12 @@ struct ServeArgs {
     /// Seconds in-flight invocations get to finish at shutdown.
     #[arg(long, env = "GUST_SHUTDOWN_GRACE", default_value_t = 30)]
     shutdown_grace: u64,
+    /// Run functions as plain processes, without namespaces, cgroups or seccomp.
+    #[arg(long, env = "GUST_NO_SANDBOX")]
+    no_sandbox: bool,
+    /// Pre-warmed sandboxes kept per built-in runtime (nodejs, python) for fast cold starts.
+    #[arg(long, env = "GUST_PREWARM_POOL", default_value_t = 1)]
+    prewarm: usize,
 }
 
 #[derive(Subcommand)]
@@ -63,6 +69,8 @@ enum Command {
         #[command(flatten)]
         serve: ServeArgs,
     },
+    /// Report which isolation and limits functions get on this host, and why.
+    Doctor,
     /// Scaffold a working function in ./NAME.
     Init {
         name: String,
@@ -107,6 +115,10 @@ enum Command {
 }
 
 fn main() {
+    // A sandbox's PID 1 is this binary run as `gust-init`.
+    if gust_sandbox::is_init() {
+        gust_sandbox::init::main();
+    }
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -199,6 +211,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             server.stop().await;
+            Ok(())
+        }
+        Command::Doctor => {
+            let report = gust::doctor::report()?;
+            if cli.json {
+                let map: serde_json::Map<String, Value> = report
+                    .iter()
+                    .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+                    .collect();
+                println!("{}", Value::Object(map));
+            } else {
+                for (k, v) in &report {
+                    println!("{k:<16} {v}");
+                }
+            }
             Ok(())
         }
         Command::Init { name, runtime } => {
@@ -387,9 +414,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 
 async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Server> {
     let server = server::start(ServerConfig {
-        listen: args.listen,
-        data_dir: cli.data_dir.clone(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
+        sandbox: !args.no_sandbox,
+        prewarm: args.prewarm,
+        ..ServerConfig::new(args.listen, cli.data_dir.clone())
     })
     .await?;
     if server.token_created {

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use gust_executor::ProcessExecutor;
+use gust_executor::{ExecutorOptions, ProcessExecutor};
 use gust_gateway::{App, Platform};
 use gust_pool::Pools;
 use gust_store::{LogWriter, Store};
@@ -19,6 +19,25 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// How long in-flight invocations may take to finish at shutdown.
     pub shutdown_grace: Duration,
+    /// Run instances in sandboxes when the host allows (false: plain processes).
+    pub sandbox: bool,
+    /// The binary that runs as each sandbox's PID 1; default: this executable.
+    pub init_exe: Option<PathBuf>,
+    /// Pre-warmed sandboxes per built-in runtime.
+    pub prewarm: usize,
+}
+
+impl ServerConfig {
+    pub fn new(listen: SocketAddr, data_dir: PathBuf) -> ServerConfig {
+        ServerConfig {
+            listen,
+            data_dir,
+            shutdown_grace: Duration::from_secs(30),
+            sandbox: true,
+            init_exe: None,
+            prewarm: 1,
+        }
+    }
 }
 
 pub struct Server {
@@ -67,7 +86,22 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     let runtimes = gust_executor::install_runtimes(&store.dir().join("runtimes"))
         .context("install the built-in runtimes into the data dir")?;
     let logs = store.log_writer().context("start the log writer")?;
-    let executor = Arc::new(ProcessExecutor::new(runtimes, logs.clone()));
+    let init_exe = match cfg.init_exe.clone() {
+        Some(p) => p,
+        None => std::env::current_exe().context("find the gust executable (sandbox init)")?,
+    };
+    let executor = Arc::new(ProcessExecutor::new(
+        runtimes,
+        logs.clone(),
+        ExecutorOptions {
+            sandbox: cfg.sandbox,
+            init_exe,
+            // The data dir holds the admin token and every function's code.
+            hidden: vec![store.dir().to_path_buf()],
+            prewarm: cfg.prewarm,
+        },
+    ));
+    executor.start_prewarm();
     let pools = Pools::new(executor);
     let platform = Platform::new(store, pools.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)

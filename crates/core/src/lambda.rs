@@ -34,6 +34,17 @@ pub fn exit_body(request_id: &str, detail: &str) -> Bytes {
     )
 }
 
+/// The error type and message of an instance killed for exceeding its memory limit.
+pub const OUT_OF_MEMORY: &str = "Runtime.OutOfMemory";
+
+/// The body returned when the instance exceeded its memory limit.
+pub fn out_of_memory_body(request_id: &str, detail: &str) -> Bytes {
+    error_body(
+        OUT_OF_MEMORY,
+        &format!("RequestId: {request_id} Error: {detail}"),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -100,6 +100,27 @@ pub struct FunctionSpec {
     pub environment: BTreeMap<String, String>,
     pub scaling: Scaling,
     pub routes: Vec<Route>,
+    /// Size of the instance's private `/tmp` in MB.
+    #[serde(default = "default_ephemeral_storage")]
+    pub ephemeral_storage_mb: u32,
+    #[serde(default)]
+    pub network: Network,
+}
+
+/// Default `ephemeral_storage` (Lambda's default, 512 MB).
+pub const DEFAULT_EPHEMERAL_STORAGE_MB: u32 = 512;
+
+fn default_ephemeral_storage() -> u32 {
+    DEFAULT_EPHEMERAL_STORAGE_MB
+}
+
+/// An instance's network: the host's (outbound access), or none but its own loopback.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    #[default]
+    Default,
+    None,
 }
 
 /// One deployed version of a function: its spec, where its unpacked code lives, its code hash.
@@ -233,6 +254,12 @@ pub enum InstanceOutcome {
         detail: String,
         log_tail: Option<String>,
     },
+    /// The instance went over its memory limit and was killed (the detail names the function
+    /// and its limit).
+    OutOfMemory {
+        detail: String,
+        log_tail: Option<String>,
+    },
     /// The runtime process had exited before it took the invocation: nothing ran, so the
     /// invocation may be retried on another instance.
     Unavailable,
@@ -280,6 +307,12 @@ pub trait Executor: Send + Sync {
         &self,
         function: Arc<FunctionVersion>,
     ) -> BoxFuture<'_, Result<Arc<dyn Instance>, InitError>>;
+
+    /// Releases what the executor holds beyond instances (pre-warmed sandboxes, cgroups),
+    /// after every instance was stopped.
+    fn shutdown(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async {})
+    }
 }
 
 /// One line of a function's log.

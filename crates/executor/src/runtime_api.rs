@@ -46,10 +46,19 @@ struct State {
 }
 
 pub(crate) struct RuntimeApi {
-    arn: String,
+    /// The function's ARN; set at start, or at specialisation for a pre-warmed sandbox.
+    arn: std::sync::OnceLock<String>,
     state: Mutex<State>,
     next: tokio::sync::Mutex<mpsc::Receiver<Dispatch>>,
+    /// Pre-warmed sandboxes: told when the bootstrap waits at `/gust/specialize`, and what
+    /// to answer it (the function's environment).
+    parked: Mutex<Option<oneshot::Sender<()>>>,
+    specialise: tokio::sync::Mutex<Option<oneshot::Receiver<Bytes>>>,
 }
+
+/// Decides whether a TCP connection (peer, local address) may use this Runtime API.
+pub(crate) type Admit =
+    Arc<dyn Fn(std::net::SocketAddr, std::net::SocketAddr) -> bool + Send + Sync>;
 
 type Resp = Response<Full<Bytes>>;
 
@@ -76,7 +85,7 @@ fn accepted() -> Resp {
 
 impl RuntimeApi {
     pub(crate) fn new(
-        arn: String,
+        arn: Option<String>,
         ready: oneshot::Sender<Result<(), InitError>>,
     ) -> (Arc<RuntimeApi>, mpsc::Sender<Dispatch>) {
         let (tx, rx) = mpsc::channel(1);
@@ -84,14 +93,58 @@ impl RuntimeApi {
             ready: Some(ready),
             ..State::default()
         };
+        let cell = std::sync::OnceLock::new();
+        if let Some(a) = arn {
+            let _ = cell.set(a);
+        }
         (
             Arc::new(RuntimeApi {
-                arn,
+                arn: cell,
                 state: Mutex::new(state),
                 next: tokio::sync::Mutex::new(rx),
+                parked: Mutex::new(None),
+                specialise: tokio::sync::Mutex::new(None),
             }),
             tx,
         )
+    }
+
+    /// Arms the specialisation handshake of a pre-warmed sandbox: `parked` fires when the
+    /// bootstrap waits for its function; `env` is what it then receives.
+    pub(crate) fn prewarm(&self) -> (oneshot::Receiver<()>, oneshot::Sender<Bytes>) {
+        let (parked_tx, parked_rx) = oneshot::channel();
+        let (env_tx, env_rx) = oneshot::channel();
+        *self.parked.lock().unwrap_or_else(|p| p.into_inner()) = Some(parked_tx);
+        if let Ok(mut slot) = self.specialise.try_lock() {
+            *slot = Some(env_rx);
+        }
+        (parked_rx, env_tx)
+    }
+
+    pub(crate) fn set_arn(&self, arn: String) {
+        let _ = self.arn.set(arn);
+    }
+
+    async fn specialize(&self) -> Resp {
+        let rx = self.specialise.lock().await.take();
+        let Some(rx) = rx else {
+            return api_error(
+                StatusCode::FORBIDDEN,
+                "InvalidStateTransition",
+                "this instance is not pre-warmed or is already specialised",
+            );
+        };
+        if let Some(p) = self.parked.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = p.send(());
+        }
+        match rx.await {
+            Ok(body) => json(StatusCode::OK, body),
+            Err(_) => api_error(
+                StatusCode::GONE,
+                "Gone",
+                "this pre-warmed sandbox is being discarded",
+            ),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -121,11 +174,27 @@ impl RuntimeApi {
 
     /// Accepts runtime connections on TCP (and, for the built-in runtimes, a Unix socket)
     /// until the task is aborted (when the instance stops).
-    pub(crate) async fn serve(self: Arc<Self>, tcp: TcpListener, unix: Option<UnixListener>) {
+    pub(crate) async fn serve(
+        self: Arc<Self>,
+        tcp: Option<TcpListener>,
+        unix: Option<UnixListener>,
+        admit: Option<Admit>,
+    ) {
         loop {
             tokio::select! {
-                r = tcp.accept() => match r {
-                    Ok((stream, _)) => {
+                r = async {
+                    match &tcp {
+                        Some(t) => t.accept().await,
+                        None => std::future::pending().await,
+                    }
+                } => match r {
+                    Ok((stream, peer)) => {
+                        if let (Some(admit), Ok(local)) = (&admit, stream.local_addr())
+                            && !admit(peer, local)
+                        {
+                            tracing::warn!(%peer, "refused a Runtime API connection that does not come from the instance");
+                            continue;
+                        }
                         let _ = stream.set_nodelay(true);
                         tokio::spawn(self.clone().serve_conn(stream));
                     }
@@ -176,6 +245,7 @@ impl RuntimeApi {
         };
         match (req.method(), rest) {
             (&Method::GET, "runtime/invocation/next") => self.next().await,
+            (&Method::GET, "runtime/gust/specialize") => self.specialize().await,
             (&Method::POST, "runtime/init/error") => self.init_error(req).await,
             (&Method::POST, "runtime/gust/config" | "gust/config") => self.gust_config(req).await,
             (&Method::GET, "ping") => json(StatusCode::OK, Bytes::from_static(b"{}")),
@@ -248,7 +318,7 @@ impl RuntimeApi {
             "lambda-runtime-deadline-ms",
             HeaderValue::from(d.deadline_ms),
         );
-        if let Some(v) = hv(&self.arn) {
+        if let Some(v) = self.arn.get().and_then(|a| hv(a)) {
             h.insert("lambda-runtime-invoked-function-arn", v);
         }
         if let Some(v) = d.trace_id.as_deref().and_then(hv) {

@@ -76,6 +76,8 @@ struct RawFunction {
     scaling: Option<RawScaling>,
     #[serde(default)]
     routes: Vec<Spanned<RawRoute>>,
+    ephemeral_storage: Option<Spanned<i64>>,
+    network: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -244,6 +246,28 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
             }
         };
         let memory_mb = cx.int(&f.memory, "memory", 128..=10240, " MB", 128u32)?;
+        let ephemeral_storage_mb = cx.int(
+            &f.ephemeral_storage,
+            "ephemeral_storage",
+            512..=10240,
+            " MB",
+            gust_core::DEFAULT_EPHEMERAL_STORAGE_MB,
+        )?;
+        let network = match &f.network {
+            None => gust_core::Network::Default,
+            Some(n) => match n.get_ref().as_str() {
+                "default" => gust_core::Network::Default,
+                "none" => gust_core::Network::None,
+                other => {
+                    return Err(cx.err(
+                        n.span(),
+                        format!(
+                            "network = {other:?}: must be \"default\" (outbound access) or \"none\" (loopback only)"
+                        ),
+                    ));
+                }
+            },
+        };
         let timeout = match &f.timeout {
             None => None,
             some => Some(cx.int(some, "timeout", 1..=900, " seconds", 3u32)?),
@@ -392,6 +416,8 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 environment,
                 scaling,
                 routes,
+                ephemeral_storage_mb,
+                network,
             },
             code,
         });

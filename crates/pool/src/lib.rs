@@ -350,6 +350,13 @@ impl Pool {
                 },
                 log_tail,
             ),
+            InstanceOutcome::OutOfMemory { detail, log_tail } => (
+                Outcome::FunctionError {
+                    error_type: lambda::OUT_OF_MEMORY.into(),
+                    body: lambda::out_of_memory_body(&request_id, &detail),
+                },
+                log_tail,
+            ),
             InstanceOutcome::Crashed { detail, log_tail } => (
                 Outcome::FunctionError {
                     error_type: "Runtime.ExitError".into(),
@@ -656,6 +663,7 @@ impl Pools {
             }
             p.kill_all();
         }
+        self.executor.shutdown().await;
     }
 }
 

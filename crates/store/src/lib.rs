@@ -256,6 +256,9 @@ impl Store {
                 "code bundle {sha} is not a valid tar.gz: {e}"
             )));
         }
+        // Instances run as an unprivileged user and read the code through a read-only mount:
+        // everything must be readable by all (Lambda asks the same of a zip's permissions).
+        readable_by_all(&tmp);
         match fs::rename(&tmp, &dest) {
             Ok(()) => Ok(dest),
             // Another deploy unpacked the same bundle first.
@@ -555,6 +558,27 @@ fn write_logs(mut conn: Connection, rx: mpsc::Receiver<LogMsg>) {
     }
 }
 
+/// Adds read (and, for directories and executables, execute) permission for everyone, without
+/// following symlinks.
+fn readable_by_all(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = fs::symlink_metadata(dir) else {
+        return;
+    };
+    let mode = meta.permissions().mode();
+    if meta.is_dir() {
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode((mode | 0o555) & 0o7777));
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                readable_by_all(&e.path());
+            }
+        }
+    } else if meta.is_file() {
+        let exec = if mode & 0o111 != 0 { 0o555 } else { 0o444 };
+        let _ = fs::set_permissions(dir, fs::Permissions::from_mode((mode | exec) & 0o7777));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -567,6 +591,8 @@ mod tests {
             runtime: Runtime::Nodejs,
             handler: "index.handler".into(),
             memory_mb: 128,
+            ephemeral_storage_mb: 512,
+            network: Default::default(),
             timeout: None,
             environment: Default::default(),
             scaling: Scaling::default(),

@@ -186,13 +186,18 @@ impl TestServer {
 }
 
 async fn start_on(dir: &Path) -> Server {
-    server::start(ServerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_dir: dir.to_path_buf(),
+    server::start(config(dir)).await.expect("server starts")
+}
+
+/// The test server's configuration: sandboxed (the gust binary is each sandbox's init), no
+/// pre-warmed pool unless a test asks for one.
+pub fn config(dir: &Path) -> ServerConfig {
+    ServerConfig {
         shutdown_grace: Duration::from_secs(10),
-    })
-    .await
-    .expect("server starts")
+        init_exe: Some(env!("CARGO_BIN_EXE_gust").into()),
+        prewarm: 0,
+        ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())
+    }
 }
 
 pub fn write_service(manifest: &str, files: &[(&str, &str)]) -> TempDir {
@@ -226,6 +231,23 @@ pub fn pid_alive(pid: i64) -> bool {
             .starts_with('Z'),
         Err(_) => false,
     }
+}
+
+/// The live (non-zombie) processes of an instance's sandbox: its cgroup is named after the
+/// instance id.
+pub fn instance_procs(id: &str) -> Vec<i32> {
+    let needle = format!("/{id}\n");
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if cg.contains(&needle) && pid_alive(pid as i64) {
+            out.push(pid);
+        }
+    }
+    out
 }
 
 /// A manifest for one function with extra lines in its table.

@@ -1,0 +1,726 @@
+//! gust-sandbox: one Linux sandbox per function instance.
+//!
+//! A sandbox is a process tree in its own mount, PID, IPC and UTS namespaces (and network
+//! namespace with `network = "none"`; user namespace when gust is not root), in its own
+//! cgroup, whose PID 1 is `gust-init` (the gust binary, see [`init`]). The function's runtime
+//! runs as an unprivileged user with no capabilities, `no_new_privs`, a seccomp filter and
+//! rlimits, on a read-only root holding only the host's system directories, its code at
+//! `/var/task` and a private `/tmp`. Killing PID 1 kills the whole tree; removing the cgroup
+//! leaves nothing behind.
+//!
+//! [`Host::probe`] finds out what this host allows (and says why not, for `gust doctor`);
+//! [`Sandbox::spawn`] starts one; [`Sandbox::specialise`] turns a pre-warmed generic sandbox
+//! into a function's.
+
+mod cgroup;
+pub mod init;
+pub mod seccomp;
+mod sys;
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+
+pub use cgroup::{Cgroup, Layout, MB_PER_VCPU};
+
+/// argv[0] under which the gust binary runs as a sandbox's PID 1.
+pub const INIT_ARGV0: &str = "gust-init";
+/// The Runtime API port inside a sandbox with its own network namespace.
+pub const NETNS_API_PORT: u16 = 9001;
+/// Where the Runtime API socket directory is mounted inside a sandbox.
+pub const SOCKET_DIR: &str = "/run/gust";
+/// The unprivileged user functions run as when gust is root (nobody).
+pub const SANDBOX_UID: u32 = 65534;
+pub const SANDBOX_GID: u32 = 65534;
+/// Processes and threads per instance (Lambda's limit).
+pub const DEFAULT_PIDS: u64 = 1024;
+/// Open files per process (Lambda's limit).
+pub const NOFILE: u64 = 1024;
+
+/// True when this process was started as a sandbox's PID 1: call [`init::main`] first thing.
+pub fn is_init() -> bool {
+    std::env::args_os().next().is_some_and(|a| a == INIT_ARGV0)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_mb: u64,
+    pub pids: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Bind {
+    pub src: PathBuf,
+    pub dst: PathBuf,
+}
+
+/// What PID 1 is told to build (sent over the control socket as one JSON line).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InitConfig {
+    /// An empty host directory to mount the new root on.
+    pub root: PathBuf,
+    pub hostname: String,
+    pub symlinks: Vec<(PathBuf, PathBuf)>,
+    pub ro_binds: Vec<Bind>,
+    pub rw_binds: Vec<Bind>,
+    /// The code, bound read-only at /var/task; None leaves it empty for [`Sandbox::specialise`].
+    pub task: Option<PathBuf>,
+    /// Paths inside the sandbox hidden under an empty read-only mount.
+    pub masks: Vec<PathBuf>,
+    pub tmp_mb: u64,
+    pub network: bool,
+    pub seccomp: bool,
+    /// (uid, gid) to run the runtime as; None keeps the namespace's root (rootless mode).
+    pub user: Option<(u32, u32)>,
+    pub nofile: u64,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+}
+
+/// One sandbox to start.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The instance id (names its cgroup).
+    pub id: String,
+    pub hostname: String,
+    pub argv: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub cwd: PathBuf,
+    /// The code directory (None: a pre-warmed sandbox, specialised later).
+    pub task: Option<PathBuf>,
+    /// Extra read-only binds (the runtime's files, the interpreter's prefix).
+    pub ro_binds: Vec<Bind>,
+    /// Read-write binds (the Runtime API socket directory).
+    pub rw_binds: Vec<Bind>,
+    pub tmp_mb: u64,
+    pub network: bool,
+    pub limits: Limits,
+}
+
+/// How an instance ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exit {
+    Code(i32),
+    Signal(i32),
+}
+
+/// What isolation this host gives, and why not more.
+pub struct Host {
+    /// Namespaces work (as root, or with a user namespace when `rootless`).
+    pub namespaces: Result<(), String>,
+    pub rootless: bool,
+    pub cgroups: Result<Layout, String>,
+    pub seccomp: Result<usize, String>,
+    init_exe: PathBuf,
+    /// Empty directory used as the mount point of every sandbox's root (in its own namespace).
+    root_dir: PathBuf,
+    /// Host paths no sandbox may see even when they sit inside a bound system directory.
+    masks: Vec<PathBuf>,
+}
+
+impl Host {
+    /// Probes the host: tries the namespaces for real, sets up cgroups, compiles the filter.
+    /// `work_dir` is a private directory of the executor; `masks` are host paths (the data
+    /// dir) to hide inside sandboxes.
+    pub fn probe(init_exe: PathBuf, work_dir: &Path, masks: Vec<PathBuf>) -> Host {
+        // SAFETY: geteuid has no preconditions.
+        let rootless = unsafe { libc::geteuid() } != 0;
+        let root_dir = work_dir.join("root");
+        let _ = std::fs::create_dir_all(&root_dir);
+        let namespaces = if !init_exe.is_file() {
+            Err(format!(
+                "the init binary {} does not exist",
+                init_exe.display()
+            ))
+        } else {
+            try_namespaces(rootless)
+        };
+        let cgroups = if namespaces.is_err() {
+            Err("no sandbox, so no cgroup".to_string())
+        } else if rootless {
+            Err("not root: cgroup limits need root or a delegated cgroup v2 subtree (not supported yet)".to_string())
+        } else {
+            Layout::setup()
+        };
+        Host {
+            namespaces,
+            rootless,
+            cgroups,
+            seccomp: seccomp::filters().map(|_| seccomp::DENIED.len()),
+            init_exe,
+            root_dir,
+            masks,
+        }
+    }
+
+    pub fn sandboxed(&self) -> bool {
+        self.namespaces.is_ok()
+    }
+
+    /// Pre-warmed sandboxes need to mount code into a running sandbox (root only).
+    pub fn can_prewarm(&self) -> bool {
+        self.sandboxed() && !self.rootless
+    }
+
+    /// `gust doctor`'s lines: (what, state and why).
+    pub fn report(&self) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        let ok = |s: &str| s.to_string();
+        out.push((
+            "namespaces".into(),
+            match &self.namespaces {
+                Ok(()) if self.rootless => ok("mount, pid, ipc, uts (+net for network = \"none\") inside a user namespace (not root)"),
+                Ok(()) => ok("mount, pid, ipc, uts (+net for network = \"none\")"),
+                Err(e) => format!("NONE: {e} -- functions run as plain processes with NO isolation"),
+            },
+        ));
+        out.push((
+            "filesystem".into(),
+            if self.sandboxed() {
+                ok("read-only root of /usr, /etc, /bin, /lib*, /sbin and the runtimes; code read-only at /var/task; private tmpfs /tmp (ephemeral_storage)")
+            } else {
+                ok("NOT isolated: functions see the host's files")
+            },
+        ));
+        out.push((
+            "cgroups".into(),
+            match &self.cgroups {
+                Ok(l) => format!("{}: memory (no swap), pids ({DEFAULT_PIDS}), cpu share and cap by memory ({MB_PER_VCPU} MB = 1 vCPU)", l.describe()),
+                Err(e) => format!("NONE: {e} -- memory, CPU and pids limits are NOT enforced"),
+            },
+        ));
+        out.push((
+            "privileges".into(),
+            if !self.sandboxed() {
+                ok("NOT dropped")
+            } else if self.rootless {
+                ok("no capabilities, no_new_privs; runs as your uid (mapped to root in its user namespace)")
+            } else {
+                format!("no capabilities, no_new_privs; runs as uid {SANDBOX_UID}")
+            },
+        ));
+        out.push((
+            "seccomp".into(),
+            match (&self.seccomp, self.sandboxed()) {
+                (Ok(n), true) => format!("{n} syscalls refused with EPERM (mount, ptrace, bpf, keyctl, kernel modules, ...), namespace-creating clone flags refused"),
+                (Ok(_), false) => ok("NOT applied (no sandbox)"),
+                (Err(e), _) => format!("NONE: {e}"),
+            },
+        ));
+        out.push((
+            "rlimits".into(),
+            format!("{NOFILE} open files, no core dumps"),
+        ));
+        out.push((
+            "network".into(),
+            if self.sandboxed() {
+                ok("host network by default; network = \"none\" gives a private namespace with only loopback")
+            } else {
+                ok("host network; network = \"none\" is NOT available")
+            },
+        ));
+        out.push((
+            "pre-warmed pool".into(),
+            if self.can_prewarm() {
+                ok("available (nodejs, python)")
+            } else {
+                ok("unavailable (needs root and namespaces)")
+            },
+        ));
+        out
+    }
+
+    /// Removes our cgroup directories (call after every sandbox is gone).
+    pub fn cleanup(&self) {
+        if let Ok(l) = &self.cgroups {
+            l.remove();
+        }
+    }
+}
+
+/// Starts and reaps a child in the namespaces a sandbox uses.
+fn try_namespaces(rootless: bool) -> Result<(), String> {
+    let mut args = sys::CloneArgs {
+        flags: ns_flags(rootless, false),
+        exit_signal: libc::SIGCHLD as u64,
+        ..Default::default()
+    };
+    // SAFETY: the child only calls _exit.
+    let pid = unsafe { sys::clone3(&mut args) }.map_err(|e| {
+        format!(
+            "creating namespaces failed: {e}{}",
+            if rootless {
+                " (unprivileged user namespaces are disabled on this host: kernel.unprivileged_userns_clone or user.max_user_namespaces)"
+            } else {
+                ""
+            }
+        )
+    })?;
+    if pid == 0 {
+        // SAFETY: immediate exit of the probe child.
+        unsafe { libc::_exit(0) }
+    }
+    let mut status = 0;
+    // SAFETY: reaping the child we just made.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    Ok(())
+}
+
+fn ns_flags(rootless: bool, network: bool) -> u64 {
+    let mut f = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
+    if !network {
+        f |= libc::CLONE_NEWNET;
+    }
+    if rootless {
+        f |= libc::CLONE_NEWUSER;
+    }
+    f as u64
+}
+
+/// System directories bound read-only (symlinks, as on merged-/usr hosts, are recreated).
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc",
+];
+
+/// A running sandbox.
+pub struct Sandbox {
+    pid: i32,
+    pidfd: AsyncFd<OwnedFd>,
+    ctl: AsyncFd<OwnedFd>,
+    /// Bytes read from the control socket beyond the last line.
+    ctl_buf: Mutex<Vec<u8>>,
+    ctl_lock: tokio::sync::Mutex<()>,
+    cgroup: Option<Cgroup>,
+    reaped: AtomicBool,
+}
+
+/// A started sandbox with the read ends of its runtime's stdout and stderr, and (with its own
+/// network namespace) the Runtime API listener made inside it.
+pub struct Spawned {
+    pub sandbox: Sandbox,
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+    pub listener: Option<std::net::TcpListener>,
+}
+
+impl Sandbox {
+    /// Starts a sandbox and waits until its runtime process is forked.
+    pub async fn spawn(host: &Host, spec: &Spec) -> Result<Spawned, String> {
+        host.namespaces.clone()?;
+        let cgroup = match &host.cgroups {
+            Ok(l) => Some(
+                l.create(&spec.id, &spec.limits)
+                    .map_err(|e| e.to_string())?,
+            ),
+            Err(_) => None,
+        };
+        let io = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
+        let (out_r, out_w) = sys::pipe().map_err(io("pipe"))?;
+        let (err_r, err_w) = sys::pipe().map_err(io("pipe"))?;
+        let (ctl, ctl_child) = sys::socketpair().map_err(io("socketpair"))?;
+        let devnull = std::fs::File::open("/dev/null").map_err(io("open /dev/null"))?;
+        let exe = sys::cstr(&host.init_exe).map_err(io("init path"))?;
+        let argv0 = std::ffi::CString::new(INIT_ARGV0).expect("no NUL");
+        let argv = [argv0.as_ptr(), std::ptr::null()];
+        let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        let cg_dir = match cgroup.as_ref().and_then(|c| c.v2_dir()) {
+            Some(d) => Some(std::fs::File::open(d).map_err(io("open the cgroup"))?),
+            None => None,
+        };
+        let mut pidfd: libc::c_int = -1;
+        let mut args = sys::CloneArgs {
+            flags: ns_flags(host.rootless, spec.network)
+                | libc::CLONE_PIDFD as u64
+                | if cg_dir.is_some() {
+                    sys::CLONE_INTO_CGROUP
+                } else {
+                    0
+                },
+            pidfd: &mut pidfd as *mut libc::c_int as u64,
+            exit_signal: libc::SIGCHLD as u64,
+            cgroup: cg_dir.as_ref().map_or(0, |f| f.as_raw_fd() as u64),
+            ..Default::default()
+        };
+        let fds = [
+            (devnull.as_raw_fd(), 0),
+            (out_w.as_raw_fd(), 1),
+            (err_w.as_raw_fd(), 2),
+            (ctl_child.as_raw_fd(), 3),
+        ];
+        // SAFETY: between clone and exec the child only makes async-signal-safe syscalls on
+        // memory prepared above (fds, C strings, pointer arrays).
+        let pid = unsafe { sys::clone3(&mut args) };
+        let pid = match pid {
+            Ok(0) => unsafe { child_exec(&fds, &exe, &argv, &envp) },
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(c) = &cgroup {
+                    c.remove();
+                }
+                return Err(format!("clone: {e}"));
+            }
+        };
+        // SAFETY: CLONE_PIDFD stored a new fd we own.
+        let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };
+        drop((out_w, err_w, ctl_child, devnull, cg_dir));
+        set_nonblocking(&ctl);
+        let sandbox = Sandbox {
+            pid,
+            pidfd: register(pidfd)?,
+            ctl: register(ctl)?,
+            ctl_buf: Mutex::new(Vec::new()),
+            ctl_lock: tokio::sync::Mutex::new(()),
+            cgroup,
+            reaped: AtomicBool::new(false),
+        };
+        let listener = sandbox.configure(host, spec).await?;
+        Ok(Spawned {
+            sandbox,
+            stdout: out_r,
+            stderr: err_r,
+            listener,
+        })
+    }
+
+    async fn configure(
+        &self,
+        host: &Host,
+        spec: &Spec,
+    ) -> Result<Option<std::net::TcpListener>, String> {
+        if let Some(c) = &self.cgroup
+            && c.v2_dir().is_none()
+        {
+            c.attach(self.pid).map_err(|e| e.to_string())?;
+        }
+        if host.rootless {
+            // SAFETY: getuid/getgid have no preconditions.
+            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+            let w = |f: &str, v: String| {
+                std::fs::write(format!("/proc/{}/{f}", self.pid), v)
+                    .map_err(|e| format!("write {f}: {e}"))
+            };
+            w("setgroups", "deny".into())?;
+            w("uid_map", format!("0 {uid} 1"))?;
+            w("gid_map", format!("0 {gid} 1"))?;
+        } else {
+            // The OOM killer picks the runtime, never PID 1.
+            let _ = std::fs::write(format!("/proc/{}/oom_score_adj", self.pid), "-1000");
+        }
+        let cfg = self.init_config(host, spec);
+        let mut line = serde_json::to_vec(&cfg).map_err(|e| e.to_string())?;
+        line.push(b'\n');
+        sys::send_with_fd(self.ctl.get_ref().as_raw_fd(), &line, None)
+            .map_err(|e| format!("control socket: {e}"))?;
+        let mut listener = None;
+        loop {
+            let (msg, fd) = tokio::time::timeout(Duration::from_secs(10), self.recv_line())
+                .await
+                .map_err(|_| "the sandbox did not start within 10 s".to_string())??;
+            match msg.as_str() {
+                "ready" => return Ok(listener),
+                "listen" => {
+                    let fd = fd.ok_or("the sandbox sent no listener")?;
+                    listener = Some(std::net::TcpListener::from(fd));
+                }
+                m => return Err(m.strip_prefix("error ").unwrap_or(m).to_string()),
+            }
+        }
+    }
+
+    fn init_config(&self, host: &Host, spec: &Spec) -> InitConfig {
+        let mut symlinks = Vec::new();
+        let mut ro_binds = Vec::new();
+        for d in SYSTEM_DIRS {
+            let p = Path::new(d);
+            match std::fs::symlink_metadata(p) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    if let Ok(t) = std::fs::read_link(p) {
+                        symlinks.push((t, p.to_path_buf()));
+                    }
+                }
+                Ok(m) if m.is_dir() => ro_binds.push(Bind {
+                    src: p.into(),
+                    dst: p.into(),
+                }),
+                _ => {}
+            }
+        }
+        // /etc/resolv.conf may point outside /etc (systemd-resolved): bind where it points.
+        if let Ok(real) = std::fs::canonicalize("/etc/resolv.conf")
+            && let Some(dir) = real.parent()
+            && !SYSTEM_DIRS.iter().any(|d| dir.starts_with(d))
+        {
+            ro_binds.push(Bind {
+                src: dir.into(),
+                dst: dir.into(),
+            });
+        }
+        ro_binds.extend(spec.ro_binds.iter().cloned());
+        let bound: Vec<&Path> = ro_binds.iter().map(|b| b.src.as_path()).collect();
+        let masks = host
+            .masks
+            .iter()
+            .filter(|m| bound.iter().any(|b| m.starts_with(b)))
+            .cloned()
+            .collect();
+        InitConfig {
+            root: host.root_dir.clone(),
+            hostname: spec.hostname.clone(),
+            symlinks,
+            ro_binds,
+            rw_binds: spec.rw_binds.clone(),
+            task: spec.task.clone(),
+            masks,
+            tmp_mb: spec.tmp_mb,
+            network: spec.network,
+            seccomp: host.seccomp.is_ok(),
+            user: (!host.rootless).then_some((SANDBOX_UID, SANDBOX_GID)),
+            nofile: NOFILE,
+            argv: spec.argv.clone(),
+            env: spec.env.clone(),
+            cwd: spec.cwd.clone(),
+        }
+    }
+
+    async fn recv_line(&self) -> Result<(String, Option<OwnedFd>), String> {
+        let mut fd = None;
+        loop {
+            {
+                let mut buf = self.ctl_buf.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some(i) = buf.iter().position(|&b| b == b'\n') {
+                    let line = String::from_utf8_lossy(&buf[..i]).into_owned();
+                    buf.drain(..=i);
+                    return Ok((line, fd));
+                }
+            }
+            let mut guard = self.ctl.readable().await.map_err(|e| e.to_string())?;
+            let mut chunk = [0u8; 4096];
+            match guard.try_io(|inner| sys::recv_with_fd(inner.get_ref().as_raw_fd(), &mut chunk)) {
+                Ok(Ok((0, _))) => return Err("the sandbox's init exited".into()),
+                Ok(Ok((n, f))) => {
+                    if f.is_some() {
+                        fd = f;
+                    }
+                    self.ctl_buf
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(&chunk[..n]);
+                }
+                Ok(Err(e)) => return Err(format!("control socket: {e}")),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Sends a signal to PID 1 (it forwards SIGTERM and friends to the runtime; SIGKILL ends
+    /// the whole sandbox). Safe against pid reuse: it goes through the pidfd.
+    pub fn signal(&self, sig: i32) {
+        if self.reaped.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: pidfd_send_signal on our own pidfd.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                self.pidfd.get_ref().as_raw_fd(),
+                sig,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            );
+        }
+    }
+
+    pub fn kill(&self) {
+        self.signal(libc::SIGKILL);
+    }
+
+    /// Waits for PID 1 to exit and reaps it; every process of the sandbox is gone after.
+    pub async fn wait(&self) -> Exit {
+        loop {
+            if let Some(exit) = self.try_reap(libc::WNOHANG) {
+                return exit;
+            }
+            match self.pidfd.readable().await {
+                Ok(mut g) => g.clear_ready(),
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    fn try_reap(&self, flags: i32) -> Option<Exit> {
+        // SAFETY: waitid on our pidfd into a zeroed siginfo.
+        let (r, info) = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let r = libc::waitid(
+                libc::P_PIDFD,
+                self.pidfd.get_ref().as_raw_fd() as libc::id_t,
+                &mut info,
+                libc::WEXITED | flags,
+            );
+            (r, info)
+        };
+        // SAFETY: si_pid/si_status are valid for a CLD_* siginfo.
+        let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
+        if r != 0 {
+            // ECHILD: already reaped.
+            if self.reaped.load(Ordering::Acquire) {
+                return Some(Exit::Signal(libc::SIGKILL));
+            }
+            return None;
+        }
+        if pid == 0 {
+            return None;
+        }
+        self.reaped.store(true, Ordering::Release);
+        Some(match info.si_code {
+            libc::CLD_EXITED if status > 128 => Exit::Signal(status - 128),
+            libc::CLD_EXITED => Exit::Code(status),
+            _ => Exit::Signal(status),
+        })
+    }
+
+    /// Turns a pre-warmed sandbox into a function's: limits, its code at /var/task, hostname.
+    pub async fn specialise(
+        &self,
+        task: &Path,
+        hostname: &str,
+        limits: &Limits,
+    ) -> Result<(), String> {
+        if let Some(c) = &self.cgroup {
+            // The peak keeps what the runtime used while pre-warmed: it is the function's too.
+            c.set_limits(limits).map_err(|e| e.to_string())?;
+        }
+        let tree = sys::open_tree_clone(task).map_err(|e| format!("clone the code mount: {e}"))?;
+        sys::mount_setattr_fd(
+            &tree,
+            sys::MOUNT_ATTR_RDONLY | sys::MOUNT_ATTR_NOSUID | sys::MOUNT_ATTR_NODEV,
+        )
+        .map_err(|e| format!("make the code read-only: {e}"))?;
+        let _one = self.ctl_lock.lock().await;
+        sys::send_with_fd(
+            self.ctl.get_ref().as_raw_fd(),
+            format!("task {hostname}\n").as_bytes(),
+            Some(tree.as_raw_fd()),
+        )
+        .map_err(|e| format!("control socket: {e}"))?;
+        let (reply, _) = tokio::time::timeout(Duration::from_secs(5), self.recv_line())
+            .await
+            .map_err(|_| "the sandbox did not answer".to_string())??;
+        match reply.as_str() {
+            "ok" => Ok(()),
+            m => Err(m.strip_prefix("error ").unwrap_or(m).to_string()),
+        }
+    }
+
+    /// Peak memory of the whole sandbox, from its cgroup.
+    pub fn peak_memory_bytes(&self) -> Option<u64> {
+        self.cgroup.as_ref()?.peak_bytes()
+    }
+
+    /// Whether the OOM killer killed something in this sandbox.
+    pub fn oom_killed(&self) -> bool {
+        self.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0)
+    }
+
+    pub fn has_cgroup(&self) -> bool {
+        self.cgroup.is_some()
+    }
+
+    /// Whether a process of this sandbox holds the socket with this inode (used to refuse
+    /// Runtime API connections from anything but the instance itself).
+    pub fn owns_socket(&self, inode: u64) -> bool {
+        let needle = format!("socket:[{inode}]");
+        let pids = match &self.cgroup {
+            Some(c) => c.procs(),
+            None => descendants(self.pid),
+        };
+        pids.iter().any(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/fd")).is_ok_and(|d| {
+                d.flatten().any(|e| {
+                    std::fs::read_link(e.path()).is_ok_and(|l| l.as_os_str() == needle.as_str())
+                })
+            })
+        })
+    }
+}
+
+/// `pid` and all its descendants (via /proc/PID/task/TID/children).
+fn descendants(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() && out.len() < 4096 {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let kids = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(
+                    kids.split_whitespace()
+                        .filter_map(|k| k.parse::<i32>().ok()),
+                );
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+fn register(fd: OwnedFd) -> Result<AsyncFd<OwnedFd>, String> {
+    // SAFETY: we own `fd` and it stays open as long as the AsyncFd that holds it.
+    unsafe { AsyncFd::register(fd) }.map_err(|e| format!("register an fd with the reactor: {e}"))
+}
+
+fn set_nonblocking(fd: &OwnedFd) {
+    // SAFETY: fcntl on an fd we own.
+    unsafe {
+        let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+        libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}
+
+/// The cloned child: stdio and the control socket onto fds 0-3, then exec the init.
+///
+/// # Safety
+/// Only async-signal-safe syscalls; called in the child right after clone3.
+unsafe fn child_exec(
+    fds: &[(i32, i32)],
+    exe: &std::ffi::CStr,
+    argv: &[*const libc::c_char],
+    envp: &[*const libc::c_char],
+) -> ! {
+    // SAFETY: dup2/fcntl/execve/_exit are async-signal-safe; pointers are valid.
+    unsafe {
+        for &(from, to) in fds {
+            if from == to {
+                libc::fcntl(to, libc::F_SETFD, 0);
+            } else if libc::dup2(from, to) < 0 {
+                libc::_exit(126);
+            }
+        }
+        libc::execve(exe.as_ptr(), argv.as_ptr(), envp.as_ptr());
+        libc::_exit(127)
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        if !self.reaped.load(Ordering::Acquire) {
+            self.kill();
+            // PID 1 dies at once on SIGKILL and the kernel kills the rest of its namespace.
+            let _ = self.try_reap(0);
+        }
+        if let Some(c) = &self.cgroup {
+            c.remove();
+        }
+    }
+}
