@@ -48,6 +48,7 @@ pub struct Server {
     pub data_dir: PathBuf,
     pub functions_restored: usize,
     pools: Arc<Pools>,
+    executor: Arc<ProcessExecutor>,
     logs: Arc<LogWriter>,
     shutdown: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -57,6 +58,11 @@ pub struct Server {
 impl Server {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The executor (what isolation instances get; the pre-warmed pool).
+    pub fn executor(&self) -> &ProcessExecutor {
+        &self.executor
     }
 
     /// Graceful stop: stop accepting, let in-flight requests finish (bounded by the grace
@@ -102,7 +108,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         },
     ));
     executor.start_prewarm();
-    let pools = Pools::new(executor);
+    let pools = Pools::new(executor.clone());
     let platform = Platform::new(store, pools.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -143,6 +149,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         data_dir: cfg.data_dir,
         functions_restored,
         pools,
+        executor,
         logs,
         shutdown: tx,
         http,

@@ -162,6 +162,11 @@ fn cli_round_trip_and_sigterm() {
         !instance_pids.is_empty(),
         "the server has instance children"
     );
+    // Its sandboxes live in cgroups named after the server.
+    assert!(
+        !common::leftovers(server.id()).is_empty(),
+        "the server's sandboxes are visible while it runs"
+    );
     // SIGTERM through the kill command.
     Command::new("kill")
         .args(["-TERM", &server.id().to_string()])
@@ -179,6 +184,8 @@ fn cli_round_trip_and_sigterm() {
     for pid in instance_pids {
         assert!(!pid_alive(pid), "instance {pid} outlived the server");
     }
+    // Nothing at all: no cgroup, no process in one, no socket directory, no mount.
+    assert_eq!(common::leftovers(server.id()), Vec::<String>::new());
 }
 
 #[test]

@@ -257,6 +257,16 @@ impl ProcessExecutor {
         }
     }
 
+    /// Live pre-warmed sandboxes of this runtime, ready to specialise.
+    pub fn prewarmed(&self, runtime: Runtime) -> usize {
+        self.warm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(r, z)| *r == runtime && z.is_alive())
+            .count()
+    }
+
     /// What isolation instances get on this host (None: plain processes).
     pub fn host(&self) -> Option<&Host> {
         self.host.as_ref()
@@ -1051,6 +1061,7 @@ impl Executor for ProcessExecutor {
             if let Some(h) = &self.host {
                 h.cleanup();
             }
+            let _ = std::fs::remove_dir_all(&self.socket_dir);
         })
     }
 }

@@ -53,13 +53,23 @@ pub fn examples_dir() -> PathBuf {
 
 impl TestServer {
     pub async fn start() -> TestServer {
+        TestServer::start_with(0).await
+    }
+
+    /// A server keeping `prewarm` pre-warmed sandboxes per built-in runtime.
+    pub async fn start_with(prewarm: usize) -> TestServer {
         // RUST_LOG=debug shows the server's log for a failing test.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let data = TempDir::new("data");
-        let server = start_on(data.path()).await;
+        let server = server::start(ServerConfig {
+            prewarm,
+            ..config(data.path())
+        })
+        .await
+        .expect("server starts");
         let client = Client::new(&server.url(), Some(server.token.clone()));
         let anon = Client::new(&server.url(), None);
         TestServer {
@@ -245,6 +255,69 @@ pub fn instance_procs(id: &str) -> Vec<i32> {
         let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
         if cg.contains(&needle) && pid_alive(pid as i64) {
             out.push(pid);
+        }
+    }
+    out
+}
+
+/// What a gust process with this pid left behind after it exited: cgroup directories,
+/// processes in them, its Runtime API socket directory, mounts.
+pub fn leftovers(gust_pid: u32) -> Vec<String> {
+    let tag = format!("gust-{gust_pid}-");
+    let mut out = Vec::new();
+    for dir in own_cgroup_dirs() {
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            if e.file_name().to_string_lossy().starts_with(&tag) {
+                out.push(format!("cgroup {}", e.path().display()));
+            }
+        }
+    }
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let cg = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+        if cg.contains(&format!("/{tag}")) && pid_alive(pid) {
+            out.push(format!("process {pid}"));
+        }
+    }
+    for e in std::fs::read_dir(std::env::temp_dir()).unwrap().flatten() {
+        if e.file_name().to_string_lossy().starts_with(&tag) {
+            out.push(format!("dir {}", e.path().display()));
+        }
+    }
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    out.extend(
+        mounts
+            .lines()
+            .filter(|l| l.contains(&tag))
+            .map(|l| format!("mount {l}")),
+    );
+    out
+}
+
+/// This process's cgroup directories in every v1 hierarchy (and the v2 one).
+pub fn own_cgroup_dirs() -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string("/proc/self/cgroup")
+        .unwrap()
+        .lines()
+    {
+        let mut p = line.splitn(3, ':');
+        let (_, ctrls, path) = (p.next(), p.next().unwrap_or(""), p.next().unwrap_or(""));
+        let mount = if ctrls.is_empty() {
+            ["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+                .into_iter()
+                .find(|m| Path::new(m).join("cgroup.controllers").exists())
+                .map(PathBuf::from)
+        } else {
+            ctrls
+                .split(',')
+                .map(|c| Path::new("/sys/fs/cgroup").join(c.trim_start_matches("name=")))
+                .find(|m| m.exists())
+        };
+        if let Some(m) = mount {
+            out.push(m.join(path.trim_start_matches('/')));
         }
     }
     out
