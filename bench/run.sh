@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # gust benchmarks, each against its baseline in the same run:
-#  - cold start p50/p99 (Node, Python) through gust vs the bare `node -e` / `python3 -c` start;
+#  - cold start p50/p99 (Node, Python) vs the bare `node -e` / `python3 -S -c` start, three ways:
+#    plain processes (--no-sandbox), sandbox without the pool, sandbox from the pre-warmed pool;
 #  - warm latency p50/p99 and requests/s at concurrency 1, 8, 32 through gust vs a bare Node
-#    HTTP server calling the same handler in-process (bench/bare-node.js).
+#    HTTP server calling the same handler in-process (bench/bare-node.js);
+#  - noisy neighbour: hello-node p50/p99 alone vs while `burn` holds ~200 of its 256 MB and burns
+#    CPU (its cgroup caps it at one vCPU);
+#  - memory per instance: the sandbox's PID 1 (private memory) and gust's own growth per instance.
 # Usage: bash bench/run.sh [seconds-per-warm-run (default 5)] [cold-start samples (default 30)]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,26 +20,44 @@ fi
 cargo build --release -q -p gust
 BIN=target/release/gust
 
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 DATA=$(mktemp -d)
-PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-BARE_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-cleanup() { kill "$GUST_PID" "$BARE_PID" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DATA"; }
+PIDS=()
+cleanup() { kill "${PIDS[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT
 
-RUST_LOG=warn $BIN --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" 2>"$DATA/server.log" &
-GUST_PID=$!
+# start_gust NAME ARGS...: a server with its own data dir; sets URL_<NAME>, TOKEN_<NAME>, PID_<NAME>.
+start_gust() {
+  local name=$1; shift
+  local port; port=$(free_port)
+  mkdir -p "$DATA/$name"
+  RUST_LOG=warn $BIN --data-dir "$DATA/$name" serve --listen "127.0.0.1:$port" "$@" 2>"$DATA/$name.log" &
+  PIDS+=($!)
+  printf -v "PID_$name" %s $!
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/_gust/health" >/dev/null && break; sleep 0.05; done
+  GUST_SERVER="http://127.0.0.1:$port" GUST_DATA_DIR="$DATA/$name" $BIN deploy bench/functions >/dev/null 2>&1
+  printf -v "URL_$name" %s "http://127.0.0.1:$port"
+  printf -v "TOKEN_$name" %s "$(cat "$DATA/$name/admin-token")"
+}
+start_gust process --no-sandbox --prewarm 0
+start_gust sandbox --prewarm 0
+start_gust pool --prewarm 1
+BARE_PORT=$(free_port)
 node bench/bare-node.js "$BARE_PORT" >/dev/null &
 BARE_PID=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/_gust/health" >/dev/null && break; sleep 0.05; done
-export GUST_SERVER="http://127.0.0.1:$PORT" GUST_DATA_DIR="$DATA"
-$BIN deploy bench/functions >/dev/null 2>&1
-TOKEN=$(cat "$DATA/admin-token")
+PIDS+=($BARE_PID)
+# The warm, noisy-neighbour and memory runs use the default configuration (sandbox + pool).
+PORT=${URL_pool##*:}
+GUST_PID=$PID_pool
+TOKEN=$TOKEN_pool
 
 echo "## gust benchmarks — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, $(uname -r)"
 echo
 echo "### Cold start (n=$COLD_N)"
 echo
-python3 bench/coldstart.py "http://127.0.0.1:$PORT" "$TOKEN" "$COLD_N"
+python3 bench/coldstart.py "$COLD_N" "process=$URL_process,$TOKEN_process" \
+  "sandbox=$URL_sandbox,$TOKEN_sandbox" "pool=$URL_pool,$TOKEN_pool"
+kill "$PID_process" "$PID_sandbox" 2>/dev/null || true
 
 # wrk prints latency percentiles with --latency; pick p50, p99 and requests/s.
 measure() { # url conns
@@ -86,5 +108,52 @@ for c in 1 8 32; do
   [ "$gerr" != "0" ] && echo "WARNING: $gerr non-2xx responses from gust at c=$c" >&2
   echo "| $c | $bp50 / $bp99 | $brps | $gp50 / $gp99 | $grps | $ratio | $added | $cpu |"
 done
+
 echo
-echo "Targets: cold start within 20 ms of the bare start; added warm p50 <= 0.3 ms; c=8 throughput >= 0.6x bare."
+echo "### Noisy neighbour (hello-node at 1 connection, ${DUR}s)"
+echo
+read -r a50 a99 arps _ < <(measure "http://127.0.0.1:$PORT/fn/hello-node" 1)
+curl -s -o /dev/null -X POST "http://127.0.0.1:$PORT/2015-03-31/functions/burn/invocations" \
+  -d "{\"mb\":200,\"ms\":$(( (DUR + 3) * 1000 ))}" &
+BURN=$!
+sleep 1 # the burner starts (cold) and takes its memory before the measured run
+read -r n50 n99 nrps _ < <(measure "http://127.0.0.1:$PORT/fn/hello-node" 1)
+wait $BURN || true
+echo "| hello-node | p50 (ms) | p99 (ms) | req/s |"
+echo "|---|---|---|---|"
+echo "| alone | $(to_ms "$a50") | $(to_ms "$a99") | $arps |"
+echo "| beside \`burn\` (1 vCPU, 200 of 256 MB) | $(to_ms "$n50") | $(to_ms "$n99") | $nrps |"
+
+echo
+echo "### Memory per instance"
+echo
+# 16 concurrent slow calls start 16 instances of hello-node (sandbox + pool server).
+rss() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
+uss() { awk '/^Private_(Clean|Dirty)/ {s+=$2} END {print s}' "/proc/$1/smaps_rollup"; }
+curl -s -X POST "$URL_pool/_gust/v1/functions/hello-node/recycle" -H "authorization: Bearer $TOKEN" >/dev/null
+sleep 0.5
+before=$(rss "$GUST_PID")
+wrk -t2 -c16 -d2s "http://127.0.0.1:$PORT/fn/hello-node?sleep=1" >/dev/null
+after=$(rss "$GUST_PID")
+inits=$(pgrep -P "$GUST_PID" -f '^gust-init' || true)
+count=$(echo "$inits" | wc -w)
+init_uss=0; rt_uss=0; rt_rss=0
+for p in $inits; do
+  init_uss=$(( init_uss + $(uss "$p") ))
+  rt=$(pgrep -P "$p" | head -1)
+  [ -n "$rt" ] && rt_uss=$(( rt_uss + $(uss "$rt") )) && rt_rss=$(( rt_rss + $(rss "$rt") ))
+done
+python3 - "$count" "$init_uss" "$rt_uss" "$rt_rss" "$before" "$after" <<'PY'
+import sys
+n, init_uss, rt_uss, rt_rss, before, after = map(int, sys.argv[1:])
+n = max(n, 1)
+print(f"{n} sandboxes (instances and pre-warmed). Per sandbox, in MB:")
+print()
+print("| PID 1 (gust-init) private | gust server growth per instance | platform total | runtime (node) private / RSS |")
+print("|---|---|---|---|")
+per_init = init_uss / n / 1024
+growth = max(after - before, 0) / n / 1024
+print(f"| {per_init:.2f} | {growth:.2f} | {per_init + growth:.2f} | {rt_uss / n / 1024:.1f} / {rt_rss / n / 1024:.1f} |")
+PY
+echo
+echo "Targets: cold start within 20 ms of the bare start (sandbox), p50 <= 10 ms from the pool; added warm p50 <= 0.3 ms; c=8 throughput >= 0.6x bare; platform memory <= 2 MB per instance."

@@ -83,6 +83,32 @@ impl Server {
     }
 }
 
+/// The executor's state for `GET /_gust/v1/status`.
+fn status(ex: &ProcessExecutor) -> serde_json::Value {
+    use gust_core::Runtime;
+    let isolation: serde_json::Map<String, serde_json::Value> = match ex.host() {
+        Some(h) => h
+            .report()
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect(),
+        None => [(
+            "namespaces".to_string(),
+            serde_json::Value::String("NONE: functions run as plain processes".into()),
+        )]
+        .into_iter()
+        .collect(),
+    };
+    serde_json::json!({
+        "sandbox": ex.host().is_some(),
+        "isolation": isolation,
+        "prewarmed": {
+            "nodejs": ex.prewarmed(Runtime::Nodejs),
+            "python": ex.prewarmed(Runtime::Python),
+        },
+    })
+}
+
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     let store = Arc::new(
         Store::open(&cfg.data_dir)
@@ -129,6 +155,10 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         logs: logs.clone(),
         token: token.clone(),
         base_url: format!("http://{addr}"),
+        status: {
+            let ex = executor.clone();
+            Arc::new(move || status(&ex))
+        },
     });
     let router = gust_gateway::router(app);
     let (tx, rx) = oneshot::channel::<()>();

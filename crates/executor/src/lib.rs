@@ -1,10 +1,12 @@
-//! gust-executor: creates function instances. The process executor runs one runtime process per
-//! instance (node or python with a built-in bootstrap, or the function's own `bootstrap`), serves
-//! it the Lambda Runtime API on a loopback port of its own, captures its output, enforces the
-//! invocation timeout by killing its whole process group, and writes START/END/REPORT lines.
+//! gust-executor: creates function instances. Each instance is one runtime process (node or
+//! python with a built-in bootstrap, or the function's own `bootstrap`) in a sandbox of its own
+//! (gust-sandbox: namespaces, cgroup, seccomp, no privileges; plain processes with
+//! `--no-sandbox` or where the host allows no isolation), served the Lambda Runtime API on an
+//! endpoint only it can reach, its output captured, its invocation timeout enforced by killing
+//! the whole sandbox, and START/END/REPORT lines written. Cold starts take a pre-warmed sandbox
+//! when one fits.
 //!
 //! Depend on it through `gust_core::Executor`; the pool never knows how instances are made.
-//! Sandboxing (namespaces, cgroups, seccomp) slots in here, around `spawn`.
 
 mod logs;
 mod runtime_api;
@@ -166,6 +168,7 @@ impl ProcessExecutor {
         // Short and private: a Unix socket path is limited to 108 bytes.
         let socket_dir =
             std::env::temp_dir().join(format!("gust-{}-{:x}", std::process::id(), now_ms()));
+        remove_stale_socket_dirs();
         let _ = std::fs::create_dir_all(&socket_dir);
         let _ = std::fs::set_permissions(
             &socket_dir,
@@ -478,6 +481,14 @@ impl ProcessExecutor {
                 InitError::new("Runtime.InvalidEntrypoint", format!("function {name}: {m}"))
             })?;
         let network = f.map_or(Network::Default, |f| f.spec.network);
+        if network == Network::None && self.host.is_none() {
+            return Err(InitError::new(
+                "Runtime.Unknown",
+                format!(
+                    "function {name}: network = \"none\" needs the sandbox, and this server runs functions as plain processes (see `gust doctor`; remove --no-sandbox)"
+                ),
+            ));
+        }
         let (ready_tx, ready_rx) = oneshot::channel();
         let (api, dispatch) = RuntimeApi::new(f.map(|f| f.arn()), ready_tx);
         let prewarm = f.is_none().then(|| api.prewarm());
@@ -902,6 +913,27 @@ impl ProcessExecutor {
                 instance.kill();
                 Err(e)
             }
+        }
+    }
+}
+
+/// Socket directories (`$TMPDIR/gust-PID-…`) of gust processes that are gone (killed with
+/// SIGKILL: nothing ran their cleanup).
+fn remove_stale_socket_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("gust-")
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

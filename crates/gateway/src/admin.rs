@@ -20,8 +20,13 @@ use crate::{SharedApp, admin_not_found};
 /// Largest code bundle accepted (Lambda: 250 MB unzipped).
 const MAX_BUNDLE: usize = 256 * 1024 * 1024;
 
+async fn status(State(app): State<SharedApp>) -> Json<Value> {
+    Json((app.status)())
+}
+
 pub(crate) fn router(app: SharedApp) -> Router<SharedApp> {
     Router::new()
+        .route("/status", get(status))
         .route("/functions", get(list))
         .route("/functions/{name}", get(describe).delete(remove_function))
         .route("/functions/{name}/logs", get(logs))

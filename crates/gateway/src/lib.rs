@@ -35,6 +35,8 @@ pub struct App {
     pub token: String,
     /// The base URL printed for functions (`http://127.0.0.1:8080`).
     pub base_url: String,
+    /// What `GET /_gust/v1/status` reports of the executor (isolation, pre-warmed pool).
+    pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
 
 pub type SharedApp = Arc<App>;

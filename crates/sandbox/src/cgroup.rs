@@ -299,6 +299,14 @@ fn rmdir_retry(dir: &Path) {
     }
 }
 
+/// Moves a process into every directory of a cgroup (v1; v2 clones straight into it).
+pub fn attach_dirs(dirs: &[PathBuf], pid: i32) -> io::Result<()> {
+    for d in dirs {
+        write(&d.join("cgroup.procs"), &pid.to_string())?;
+    }
+    Ok(())
+}
+
 fn read_u64(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path).ok()?.trim().parse().ok()
 }
@@ -317,12 +325,9 @@ impl Cgroup {
         self.v2.then(|| self.dirs[0].as_path())
     }
 
-    /// Moves a process in (v1; v2 clones straight into the cgroup).
-    pub fn attach(&self, pid: i32) -> io::Result<()> {
-        for d in &self.dirs {
-            write(&d.join("cgroup.procs"), &pid.to_string())?;
-        }
-        Ok(())
+    /// The cgroup's directories (to attach from a blocking thread).
+    pub fn clone_dirs(&self) -> Vec<PathBuf> {
+        self.dirs.clone()
     }
 
     pub fn set_limits(&self, l: &Limits) -> io::Result<()> {

@@ -76,6 +76,11 @@ fn run(ctl: &UnixStream) -> Result<i32, String> {
     } else {
         None
     };
+    // gust says "go" once PID 1 is in its cgroup, so the runtime is forked into it.
+    let (go, _) = read_line(ctl, &mut buf)?;
+    if go != "go" {
+        return Err(format!("expected go, got {go:?}"));
+    }
     // SAFETY: this process is single-threaded; the child only runs `exec_runtime`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {

@@ -153,7 +153,7 @@ impl Host {
             namespaces,
             rootless,
             cgroups,
-            seccomp: seccomp::filters().map(|_| seccomp::DENIED.len()),
+            seccomp: seccomp::filters().map(|_| seccomp::denied_count()),
             init_exe,
             root_dir,
             masks,
@@ -394,11 +394,7 @@ impl Sandbox {
         host: &Host,
         spec: &Spec,
     ) -> Result<Option<std::net::TcpListener>, String> {
-        if let Some(c) = &self.cgroup
-            && c.v2_dir().is_none()
-        {
-            c.attach(self.pid).map_err(|e| e.to_string())?;
-        }
+        let t0 = std::time::Instant::now();
         if host.rootless {
             // SAFETY: getuid/getgid have no preconditions.
             let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
@@ -418,13 +414,36 @@ impl Sandbox {
         line.push(b'\n');
         sys::send_with_fd(self.ctl.get_ref().as_raw_fd(), &line, None)
             .map_err(|e| format!("control socket: {e}"))?;
+        // Joining a cgroup v1 waits for an RCU grace period (milliseconds): PID 1 builds the
+        // root meanwhile, and forks the runtime only after "go".
+        if let Some(c) = &self.cgroup
+            && c.v2_dir().is_none()
+        {
+            let dirs = c.clone_dirs();
+            let pid = self.pid;
+            tokio::task::spawn_blocking(move || cgroup::attach_dirs(&dirs, pid))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        }
+        let attached = t0.elapsed();
+        sys::send_with_fd(self.ctl.get_ref().as_raw_fd(), b"go\n", None)
+            .map_err(|e| format!("control socket: {e}"))?;
         let mut listener = None;
         loop {
             let (msg, fd) = tokio::time::timeout(Duration::from_secs(10), self.recv_line())
                 .await
                 .map_err(|_| "the sandbox did not start within 10 s".to_string())??;
             match msg.as_str() {
-                "ready" => return Ok(listener),
+                "ready" => {
+                    tracing::debug!(
+                        pid = self.pid,
+                        attached_ms = attached.as_secs_f64() * 1e3,
+                        ready_ms = t0.elapsed().as_secs_f64() * 1e3,
+                        "sandbox ready"
+                    );
+                    return Ok(listener);
+                }
                 "listen" => {
                     let fd = fd.ok_or("the sandbox sent no listener")?;
                     listener = Some(std::net::TcpListener::from(fd));

@@ -153,6 +153,11 @@ const NAMESPACE_FLAGS: &[u64] = &[
     0x80, // CLONE_NEWTIME
 ];
 
+/// How many of [`DENIED`] this architecture's filter refuses.
+pub fn denied_count() -> usize {
+    DENIED.iter().filter(|n| number(n).is_some()).count()
+}
+
 /// Compiles the filters for this architecture: the deny list (EPERM), and clone3 answered
 /// with ENOSYS (its flags live in memory a filter cannot read; libc falls back to clone,
 /// whose flags the first filter checks).
