@@ -738,8 +738,15 @@ impl Drop for Sandbox {
             // PID 1 dies at once on SIGKILL and the kernel kills the rest of its namespace.
             let _ = self.try_reap(0);
         }
-        if let Some(c) = &self.cgroup {
-            c.remove();
+        // rmdir may have to wait for the kernel to let go of the cgroup: never on an async
+        // worker thread.
+        if let Some(c) = self.cgroup.take() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(h) => {
+                    h.spawn_blocking(move || c.remove());
+                }
+                Err(_) => c.remove(),
+            }
         }
     }
 }
