@@ -59,6 +59,36 @@ struct ServeArgs {
 }
 
 #[derive(Subcommand)]
+enum EventsCommand {
+    /// An async call id or message id: its state, attempts and last error.
+    Show { id: String },
+}
+
+#[derive(Subcommand)]
+enum QueueCommand {
+    /// Send one message.
+    Send {
+        name: String,
+        /// The message body.
+        #[arg(long, short)]
+        data: String,
+        /// A string message attribute, KEY=VALUE (repeatable).
+        #[arg(long = "attr", short)]
+        attributes: Vec<String>,
+    },
+    /// Every queue: depth, in flight, oldest message age, dead-letter queue size.
+    Ls,
+    /// Move a dead-letter queue's messages back to their source queue (or --to QUEUE).
+    Redrive {
+        dlq: String,
+        #[arg(long)]
+        to: Option<String>,
+    },
+    /// Delete every waiting message of a queue.
+    Purge { name: String },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Run the platform: HTTP routes, the Invoke API and the admin API.
     Serve(ServeArgs),
@@ -71,6 +101,18 @@ enum Command {
     },
     /// Report which isolation and limits functions get on this host, and why.
     Doctor,
+    /// Async calls and queue messages.
+    Events {
+        #[command(subcommand)]
+        command: EventsCommand,
+    },
+    /// Queues: send, list with stats, redrive a dead-letter queue, purge.
+    Queue {
+        #[command(subcommand)]
+        command: QueueCommand,
+    },
+    /// Schedules with their last and next run and last outcome.
+    Schedules,
     /// Scaffold a working function in ./NAME.
     Init {
         name: String,
@@ -211,6 +253,70 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             }
             server.stop().await;
+            Ok(())
+        }
+        Command::Events {
+            command: EventsCommand::Show { id },
+        } => {
+            let v = client(&cli)
+                .admin(Method::GET, &format!("/events/{id}"), Bytes::new())
+                .await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let ts = |k: &str| {
+                v[k].as_u64()
+                    .map(gust_core::time::iso8601_ms)
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!("id:          {}", v["id"].as_str().unwrap_or(""));
+            println!(
+                "kind:        {} {}",
+                v["kind"].as_str().unwrap_or(""),
+                v["target"].as_str().unwrap_or("")
+            );
+            println!("state:       {}", v["state"].as_str().unwrap_or(""));
+            println!("attempts:    {}", v["attempts"]);
+            println!("created:     {}", ts("created_ms"));
+            println!("updated:     {}", ts("updated_ms"));
+            if let Some(e) = v["last_error"].as_str() {
+                println!("last error:  {e}");
+            }
+            Ok(())
+        }
+        Command::Queue { command } => queue_command(&cli, command).await,
+        Command::Schedules => {
+            let v = client(&cli)
+                .admin(Method::GET, "/schedules", Bytes::new())
+                .await?;
+            if cli.json {
+                print_json(&v);
+                return Ok(());
+            }
+            let list = v["schedules"].as_array().cloned().unwrap_or_default();
+            if list.is_empty() {
+                println!("no schedules (add [[functions.NAME.schedules]] to a gust.toml)");
+                return Ok(());
+            }
+            println!(
+                "{:<28} {:<28} {:<21} {:<21} LAST OUTCOME",
+                "NAME", "EXPRESSION", "NEXT", "LAST"
+            );
+            for s in list {
+                println!(
+                    "{:<28} {:<28} {:<21} {:<21} {}",
+                    s["name"].as_str().unwrap_or(""),
+                    format!(
+                        "{} {}",
+                        s["expression"].as_str().unwrap_or(""),
+                        s["timezone"].as_str().filter(|t| *t != "UTC").unwrap_or("")
+                    ),
+                    s["next"].as_str().unwrap_or("-"),
+                    s["last"].as_str().unwrap_or("-"),
+                    s["last_outcome"].as_str().unwrap_or("-"),
+                );
+            }
             Ok(())
         }
         Command::Doctor => {
@@ -435,6 +541,89 @@ async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Ser
         );
     }
     Ok(server)
+}
+
+async fn queue_command(cli: &Cli, command: &QueueCommand) -> anyhow::Result<()> {
+    let c = client(cli);
+    let v = match command {
+        QueueCommand::Send {
+            name,
+            data,
+            attributes,
+        } => {
+            let mut attrs = serde_json::Map::new();
+            for a in attributes {
+                let Some((k, val)) = a.split_once('=') else {
+                    bail!("--attr {a:?}: use KEY=VALUE");
+                };
+                attrs.insert(
+                    k.to_string(),
+                    serde_json::json!({"stringValue": val, "dataType": "String"}),
+                );
+            }
+            let body = serde_json::json!({"body": data, "attributes": attrs});
+            c.admin(
+                Method::POST,
+                &format!("/queues/{name}/messages"),
+                Bytes::from(body.to_string()),
+            )
+            .await?
+        }
+        QueueCommand::Ls => c.admin(Method::GET, "/queues", Bytes::new()).await?,
+        QueueCommand::Redrive { dlq, to } => {
+            let q = to.as_ref().map(|t| format!("?to={t}")).unwrap_or_default();
+            c.admin(
+                Method::POST,
+                &format!("/queues/{dlq}/redrive{q}"),
+                Bytes::new(),
+            )
+            .await?
+        }
+        QueueCommand::Purge { name } => {
+            c.admin(Method::POST, &format!("/queues/{name}/purge"), Bytes::new())
+                .await?
+        }
+    };
+    if cli.json {
+        print_json(&v);
+        return Ok(());
+    }
+    match command {
+        QueueCommand::Send { name, .. } => {
+            println!("sent {} to {name}", v["ids"][0].as_str().unwrap_or(""))
+        }
+        QueueCommand::Ls => {
+            let qs = v["queues"].as_array().cloned().unwrap_or_default();
+            if qs.is_empty() {
+                println!("no queues (declare one with [queues.NAME] in a gust.toml)");
+                return Ok(());
+            }
+            println!(
+                "{:<24} {:<16} {:>7} {:>9} {:>12}  DLQ",
+                "NAME", "SERVICE", "DEPTH", "IN FLIGHT", "OLDEST (s)"
+            );
+            for q in qs {
+                let dlq = match q["dead_letter_queue"].as_str() {
+                    Some(d) => format!("{d} ({} messages)", q["dlq_size"]),
+                    None => "-".into(),
+                };
+                println!(
+                    "{:<24} {:<16} {:>7} {:>9} {:>12}  {dlq}",
+                    q["name"].as_str().unwrap_or(""),
+                    q["service"].as_str().unwrap_or(""),
+                    q["depth"],
+                    q["in_flight"],
+                    q["oldest_age_ms"]
+                        .as_u64()
+                        .map(|m| format!("{:.1}", m as f64 / 1000.0))
+                        .unwrap_or_else(|| "-".into()),
+                );
+            }
+        }
+        QueueCommand::Redrive { dlq, .. } => println!("moved {} messages out of {dlq}", v["moved"]),
+        QueueCommand::Purge { name } => println!("purged {} messages from {name}", v["purged"]),
+    }
+    Ok(())
 }
 
 async fn wait_for_signal() {

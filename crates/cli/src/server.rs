@@ -49,6 +49,7 @@ pub struct Server {
     pub functions_restored: usize,
     pools: Arc<Pools>,
     executor: Arc<ProcessExecutor>,
+    events: Arc<gust_events::Events>,
     logs: Arc<LogWriter>,
     shutdown: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -77,6 +78,8 @@ impl Server {
             );
             http.abort();
         }
+        // Deliveries in flight finish or stay stored (they run again after a restart).
+        self.events.stop();
         self.pools.shutdown(Duration::from_secs(1)).await;
         let logs = self.logs.clone();
         let _ = tokio::task::spawn_blocking(move || logs.flush()).await;
@@ -135,6 +138,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     ));
     executor.start_prewarm();
     let pools = Pools::new(executor.clone());
+    let store_for_events = store.clone();
     let platform = Platform::new(store, pools.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
@@ -149,7 +153,13 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         .restore()
         .await
         .map_err(|e| anyhow::anyhow!("restore functions: {e:?}"))?;
+    let events = gust_events::Events::new(store_for_events, pools.clone(), {
+        let pools = pools.clone();
+        Arc::new(move |name: &str| pools.get(name).map(|p| p.function().clone()))
+    })
+    .context("open the event store")?;
     let app = Arc::new(App {
+        events: events.clone(),
         platform,
         invoker: pools.clone(),
         logs: logs.clone(),
@@ -160,6 +170,8 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
             Arc::new(move || status(&ex))
         },
     });
+    // After restore: the dispatchers find functions in the live pools.
+    events.start();
     let router = gust_gateway::router(app);
     let (tx, rx) = oneshot::channel::<()>();
     let http = tokio::spawn(async move {
@@ -180,6 +192,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         functions_restored,
         pools,
         executor,
+        events,
         logs,
         shutdown: tx,
         http,

@@ -688,7 +688,7 @@ e2e!(invoke_api_details, async {
         logs.iter()
             .any(|l| l["request_id"] == rid.as_str() && l["stream"] == "stdout")
     );
-    // DryRun, unknown function, unsupported Event, qualifiers, oversized and non-JSON payloads.
+    // DryRun, unknown function, Event, qualifiers, oversized and non-JSON payloads.
     let r = ts
         .invoke_with("inv", "{}", &[("x-amz-invocation-type", "DryRun")])
         .await;
@@ -702,16 +702,18 @@ e2e!(invoke_api_details, async {
             .unwrap()
             .contains("function:nope")
     );
+    // Event: 202 with the call's id once stored; an unknown function is a 404 at once.
     let r = ts
         .invoke_with("inv", "{}", &[("x-amz-invocation-type", "Event")])
         .await;
-    assert_eq!(r.status, 400);
-    assert!(
-        body_json(&r)["message"]
-            .as_str()
-            .unwrap()
-            .contains("not supported")
-    );
+    assert_eq!(r.status, 202);
+    assert!(r.body.is_empty());
+    assert!(r.headers.contains_key("x-amzn-requestid"));
+    let r = ts
+        .invoke_with("nope", "{}", &[("x-amz-invocation-type", "Event")])
+        .await;
+    assert_eq!(r.status, 404);
+    assert_eq!(r.headers["x-amzn-errortype"], "ResourceNotFoundException");
     let r = ts
         .invoke(
             "arn:aws:lambda:us-east-1:000000000000:function:inv:$LATEST",

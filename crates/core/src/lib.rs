@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod lambda;
+pub mod schedule;
 pub mod time;
 
 /// A boxed future, the return type of the seam traits (they are used as `Arc<dyn Trait>`).
@@ -105,6 +106,117 @@ pub struct FunctionSpec {
     pub ephemeral_storage_mb: u32,
     #[serde(default)]
     pub network: Network,
+    /// How asynchronous invocations of this function are delivered and retried.
+    #[serde(default)]
+    pub async_config: AsyncConfig,
+    /// Queues this function consumes (event source mappings).
+    #[serde(default)]
+    pub subscriptions: Vec<Subscription>,
+    /// Schedules that invoke this function.
+    #[serde(default)]
+    pub schedules: Vec<ScheduleSpec>,
+}
+
+/// Where an invocation record goes after an async invocation: another function (invoked
+/// asynchronously), a queue, or an HTTP(S) URL (POSTed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Destination {
+    Function(String),
+    Queue(String),
+    Url(String),
+}
+
+impl Destination {
+    /// `function:NAME`, `queue:NAME`, or an `http://` / `https://` URL.
+    pub fn parse(s: &str) -> Option<Destination> {
+        if let Some(n) = s.strip_prefix("function:") {
+            return (!n.is_empty()).then(|| Destination::Function(n.into()));
+        }
+        if let Some(n) = s.strip_prefix("queue:") {
+            return (!n.is_empty()).then(|| Destination::Queue(n.into()));
+        }
+        (s.starts_with("http://") || s.starts_with("https://")).then(|| Destination::Url(s.into()))
+    }
+}
+
+/// Lambda's `FunctionEventInvokeConfig`, with the backoff base configurable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct AsyncConfig {
+    /// Retries after a function error: 0..=2 (Lambda's default 2).
+    pub retries: u32,
+    /// Wait before the first retry; doubles for each next one, with jitter (Lambda: ~1 min, 2 min).
+    pub retry_backoff_ms: u64,
+    /// Events older than this are not tried again (60 s ..= 6 h).
+    pub max_event_age_s: u64,
+    /// How many instances async deliveries may use at once; None = half of max_instances
+    /// (the rest stays for synchronous callers).
+    pub max_concurrency: Option<u32>,
+    pub on_success: Option<Destination>,
+    pub on_failure: Option<Destination>,
+    /// A queue that receives the event itself when every attempt failed.
+    pub dead_letter_queue: Option<String>,
+}
+
+impl Default for AsyncConfig {
+    fn default() -> Self {
+        AsyncConfig {
+            retries: 2,
+            retry_backoff_ms: 60_000,
+            max_event_age_s: 21_600,
+            max_concurrency: None,
+            on_success: None,
+            on_failure: None,
+            dead_letter_queue: None,
+        }
+    }
+}
+
+/// A function consuming a queue in batches (an SQS event source mapping).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Subscription {
+    pub queue: String,
+    /// 1..=10,000 (default 10).
+    pub batch_size: u32,
+    /// How long to gather a batch, ms (0..=300 s).
+    pub batch_window_ms: u64,
+    /// Batches in flight at once (default: half of max_instances, at least 1).
+    pub max_concurrency: Option<u32>,
+    /// Receives before a message goes to the queue's dead-letter queue.
+    pub max_receives: u32,
+}
+
+/// A queue declared in a manifest.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueSpec {
+    pub name: String,
+    pub service: String,
+    /// How long a received message stays invisible, ms (default 30 s).
+    pub visibility_timeout_ms: u64,
+    pub dead_letter_queue: Option<String>,
+}
+
+/// A schedule that invokes its function.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScheduleSpec {
+    /// Unique across the platform: `FUNCTION.NAME` (NAME defaults to the index).
+    pub name: String,
+    /// `rate(5 minutes)`, `cron(0 12 * * ? *)`, `0 12 * * *`, `at(2026-12-01T09:00:00)`.
+    pub expression: String,
+    /// IANA time zone for cron and at (default UTC).
+    pub timezone: Option<String>,
+    /// The payload (JSON text); None = the EventBridge scheduled-event shape.
+    pub input: Option<String>,
+    /// Fire at a random point up to this many minutes after the slot (0 = exactly).
+    pub flexible_window_min: u32,
+    /// false: a slot is skipped while the previous run is still running.
+    pub allow_overlap: bool,
+    /// After downtime: false skips missed slots, true runs once for them.
+    pub catch_up: bool,
+    pub retries: u32,
+    pub max_event_age_s: u64,
+    pub dead_letter_queue: Option<String>,
 }
 
 /// Default `ephemeral_storage` (Lambda's default, 512 MB).
@@ -149,6 +261,9 @@ pub struct Invocation {
     pub trace_id: Option<String>,
     /// Return the tail of this invocation's log (`X-Amz-Log-Type: Tail`).
     pub tail_log: bool,
+    /// The request id the function sees; None = a new one. Async events keep theirs across
+    /// attempts, so handlers can be idempotent.
+    pub request_id: Option<String>,
 }
 
 /// The result of an invocation that reached a function.

@@ -20,6 +20,110 @@ use crate::{SharedApp, admin_not_found};
 /// Largest code bundle accepted (Lambda: 250 MB unzipped).
 const MAX_BUNDLE: usize = 256 * 1024 * 1024;
 
+fn events_err(e: gust_events::EnqueueError) -> Response {
+    crate::error::enqueue_error(&e, false)
+}
+
+/// An async call or queue message: its state, attempts and last error.
+async fn event(State(app): State<SharedApp>, Path(id): Path<String>) -> Response {
+    match app.events.event(&id) {
+        Ok(Some(e)) => {
+            let mut v = serde_json::to_value(&e).unwrap_or_default();
+            v["payload"] = Value::String(String::from_utf8_lossy(&e.payload).into_owned());
+            Json(v).into_response()
+        }
+        Ok(None) => ApiError::NotFound(format!(
+            "no event {id}: ids are the async call id (x-amzn-RequestId, X-Call-Id) or a message id"
+        ))
+        .into_response(),
+        Err(e) => events_err(e),
+    }
+}
+
+async fn queues(State(app): State<SharedApp>) -> Response {
+    match app.events.queue_stats() {
+        Ok(v) => Json(json!({ "queues": v })).into_response(),
+        Err(e) => events_err(e),
+    }
+}
+
+async fn schedules(State(app): State<SharedApp>) -> Response {
+    match app.events.schedules() {
+        Ok(v) => Json(json!({ "schedules": v })).into_response(),
+        Err(e) => events_err(e),
+    }
+}
+
+/// `{"messages": [{"body": "...", "attributes": {...}}]}` or one `{"body": ...}`.
+async fn send_messages(
+    State(app): State<SharedApp>,
+    Path(name): Path<String>,
+    body: Bytes,
+) -> Response {
+    let hint = "the body must be JSON: {\"body\": \"text\", \"attributes\": {\"k\": {\"stringValue\": \"v\", \"dataType\": \"String\"}}} or {\"messages\": [...]}";
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return ApiError::BadRequest(hint.into()).into_response();
+    };
+    let items: Vec<Value> = match v.get("messages") {
+        Some(Value::Array(a)) => a.clone(),
+        Some(_) => return ApiError::BadRequest(hint.into()).into_response(),
+        None => vec![v],
+    };
+    let mut msgs = Vec::new();
+    for m in items {
+        let Some(b) = m.get("body") else {
+            return ApiError::BadRequest(hint.into()).into_response();
+        };
+        let text = match b {
+            Value::String(s) => s.clone(),
+            other => other.to_string(),
+        };
+        msgs.push(gust_events::Message {
+            body: text.into(),
+            attributes: m.get("attributes").cloned().unwrap_or(Value::Null),
+        });
+    }
+    if msgs.is_empty() {
+        return ApiError::BadRequest("no messages to send".into()).into_response();
+    }
+    match app.events.send(&name, msgs).await {
+        Ok(ids) => Json(json!({ "ids": ids })).into_response(),
+        Err(e) => events_err(e),
+    }
+}
+
+async fn purge(State(app): State<SharedApp>, Path(name): Path<String>) -> Response {
+    if let Ok(None) = app.platform.store.queue(&name) {
+        return ApiError::NotFound(format!("queue {name} is not declared")).into_response();
+    }
+    match app.events.purge(&name).await {
+        Ok(n) => Json(json!({ "queue": name, "purged": n })).into_response(),
+        Err(e) => events_err(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct RedriveQuery {
+    to: Option<String>,
+}
+
+/// Moves a dead-letter queue's messages back to the queues they came from (or `?to=QUEUE`).
+async fn redrive(
+    State(app): State<SharedApp>,
+    Path(name): Path<String>,
+    Query(q): Query<RedriveQuery>,
+) -> Response {
+    for queue in [Some(&name), q.to.as_ref()].into_iter().flatten() {
+        if let Ok(None) = app.platform.store.queue(queue) {
+            return ApiError::NotFound(format!("queue {queue} is not declared")).into_response();
+        }
+    }
+    match app.events.redrive(&name, q.to).await {
+        Ok(n) => Json(json!({ "queue": name, "moved": n })).into_response(),
+        Err(e) => events_err(e),
+    }
+}
+
 async fn status(State(app): State<SharedApp>) -> Json<Value> {
     Json((app.status)())
 }
@@ -27,6 +131,12 @@ async fn status(State(app): State<SharedApp>) -> Json<Value> {
 pub(crate) fn router(app: SharedApp) -> Router<SharedApp> {
     Router::new()
         .route("/status", get(status))
+        .route("/events/{id}", get(event))
+        .route("/queues", get(queues))
+        .route("/queues/{name}/messages", post(send_messages))
+        .route("/queues/{name}/purge", post(purge))
+        .route("/queues/{name}/redrive", post(redrive))
+        .route("/schedules", get(schedules))
         .route("/functions", get(list))
         .route("/functions/{name}", get(describe).delete(remove_function))
         .route("/functions/{name}/logs", get(logs))
@@ -78,6 +188,11 @@ fn function_json(app: &SharedApp, f: &gust_store::StoredFunction) -> Value {
         "deployed_at": gust_core::time::iso8601_ms(f.deployed_at_ms),
         "url": format!("{}/fn/{}", app.base_url, f.spec.name),
         "instances": stats,
+        "network": f.spec.network,
+        "async": f.spec.async_config,
+        "subscriptions": f.spec.subscriptions,
+        "schedules": f.spec.schedules.iter().map(|s| &s.name).collect::<Vec<_>>(),
+        "events": app.events.counts(&f.spec.name).ok(),
     })
 }
 
@@ -109,6 +224,7 @@ async fn remove_function(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     app.platform.remove_function(&name).await?;
+    app.events.refresh();
     Ok(Json(json!({ "removed": [name] })))
 }
 
@@ -117,6 +233,7 @@ async fn remove_service(
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     let removed = app.platform.remove_service(&name).await?;
+    app.events.refresh();
     Ok(Json(json!({ "service": name, "removed": removed })))
 }
 
@@ -186,6 +303,7 @@ async fn deploy(State(app): State<SharedApp>, body: Bytes) -> Result<Json<Value>
         .platform
         .deploy(&body.file, &body.manifest, &body.code)
         .await?;
+    app.events.refresh();
     let mut v = serde_json::to_value(&report).map_err(|e| ApiError::Platform(e.to_string()))?;
     for f in v["functions"].as_array_mut().into_iter().flatten() {
         let url = format!(

@@ -73,6 +73,31 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// An async enqueue or queue send that was refused: the Invoke API's shape (`aws`) or the
+/// admin/HTTP shape.
+pub fn enqueue_error(e: &gust_events::EnqueueError, aws: bool) -> Response {
+    use gust_events::EnqueueError as E;
+    let (status, aws_type) = match e {
+        E::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
+        E::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
+        E::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException"),
+        E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
+    };
+    if status.is_server_error() {
+        tracing::error!("event store: {e}");
+    }
+    if aws {
+        return aws_error(status, aws_type, &e.to_string());
+    }
+    let api = match e {
+        E::NotFound(m) => ApiError::NotFound(m.clone()),
+        E::Invalid(m) => ApiError::BadRequest(m.clone()),
+        E::TooLarge(_) => ApiError::PayloadTooLarge(e.to_string()),
+        E::Store(m) => ApiError::Platform(m.clone()),
+    };
+    api.into_response()
+}
+
 /// An Invoke API error in the AWS restJson1 shape.
 pub fn aws_error(status: StatusCode, error_type: &str, message: &str) -> Response {
     let kind = if status.is_client_error() {

@@ -65,15 +65,7 @@ pub(crate) async fn invoke(
     let invocation_type =
         header_str(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
     match invocation_type {
-        "RequestResponse" | "DryRun" => {}
-        "Event" => {
-            return aws_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValueException",
-                "InvocationType Event (asynchronous invocation) is not supported by this gust version yet; \
-                 use RequestResponse",
-            );
-        }
+        "RequestResponse" | "DryRun" | "Event" => {}
         other => {
             return aws_error(
                 StatusCode::BAD_REQUEST,
@@ -134,12 +126,28 @@ pub(crate) async fn invoke(
     } else {
         body
     };
+    if invocation_type == "Event" {
+        // Stored before the 202 (lambda-contracts §3.3); runs at least once, retried per the
+        // function's async settings.
+        return match app.events.invoke_async(&name, payload, None, false).await {
+            Ok(id) => {
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = StatusCode::ACCEPTED;
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    r.headers_mut().insert("x-amzn-requestid", v);
+                }
+                r
+            }
+            Err(e) => crate::error::enqueue_error(&e, true),
+        };
+    }
     let invocation = Invocation {
         payload,
         content_type: None,
         client_context,
         trace_id: header_str(&headers, "x-amzn-trace-id").map(str::to_string),
         tail_log: tail,
+        request_id: None,
     };
     let result = match app.invoker.invoke(&name, invocation).await {
         Ok(r) => r,

@@ -35,6 +35,8 @@ pub struct App {
     pub token: String,
     /// The base URL printed for functions (`http://127.0.0.1:8080`).
     pub base_url: String,
+    /// Async invocations, queues and schedules.
+    pub events: Arc<gust_events::Events>,
     /// What `GET /_gust/v1/status` reports of the executor (isolation, pre-warmed pool).
     pub status: Arc<dyn Fn() -> serde_json::Value + Send + Sync>,
 }
@@ -52,6 +54,10 @@ pub fn router(app: SharedApp) -> Router {
             "/2015-03-31/functions/{name}/invocations",
             post(invoke_api::invoke),
         )
+        .route("/async/fn/{name}", post(async_url))
+        .route("/async/fn/{name}/", post(async_url))
+        .route("/async/fn/{name}/{*rest}", post(async_url))
+        .route("/q/{name}", post(queue_ingest))
         .route("/fn/{name}", any(default_url))
         .route("/fn/{name}/", any(default_url))
         .route("/fn/{name}/{*rest}", any(default_url))
@@ -78,6 +84,88 @@ async fn default_url(State(app): State<SharedApp>, req: Request) -> Response {
         .decode_utf8_lossy()
         .into_owned();
     http_invoke(&app, req, &name, rest, "$default".into(), None).await
+}
+
+/// `POST /async/fn/NAME/rest`: the same HTTP event as `/fn/NAME/rest`, stored and run later;
+/// 202 with the call id. `X-Callback-Url` receives the result (status, headers `X-Call-Id`,
+/// `X-Function-Status`, `X-Duration-Seconds`; body), as OpenFaaS's async calls do.
+async fn async_url(State(app): State<SharedApp>, req: Request) -> Response {
+    let path = req.uri().path().to_string();
+    let after = &path["/async/fn/".len()..];
+    let (name, rest) = match after.find('/') {
+        Some(i) => (after[..i].to_string(), after[i..].to_string()),
+        None => (after.to_string(), "/".to_string()),
+    };
+    let name = percent_encoding::percent_decode_str(&name)
+        .decode_utf8_lossy()
+        .into_owned();
+    let callback = req
+        .headers()
+        .get("x-callback-url")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let source_ip = peer(&req);
+    let (parts, body) = req.into_parts();
+    let body = match axum::body::to_bytes(body, gust_events::MAX_EVENT_BYTES).await {
+        Ok(b) => b,
+        Err(_) => {
+            return error::enqueue_error(
+                &gust_events::EnqueueError::TooLarge(gust_events::MAX_EVENT_BYTES + 1),
+                false,
+            );
+        }
+    };
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let event = apigw::event(&apigw::HttpRequest {
+        method: &parts.method,
+        raw_path: &rest,
+        raw_query: parts.uri.query().unwrap_or(""),
+        headers: &parts.headers,
+        body: &body,
+        route_key: "$default",
+        path_parameters: None,
+        source_ip,
+        request_id: &request_id,
+    });
+    match app
+        .events
+        .invoke_async(&name, event.into(), callback, true)
+        .await
+    {
+        Ok(id) => {
+            let mut r = (
+                StatusCode::ACCEPTED,
+                serde_json::json!({ "id": id }).to_string(),
+            )
+                .into_response();
+            r.headers_mut().insert(
+                axum::http::header::CONTENT_TYPE,
+                axum::http::HeaderValue::from_static("application/json"),
+            );
+            if let Ok(v) = axum::http::HeaderValue::from_str(&id) {
+                r.headers_mut().insert("x-call-id", v);
+            }
+            r
+        }
+        Err(e) => error::enqueue_error(&e, false),
+    }
+}
+
+/// `POST /q/NAME`: the body becomes one message of queue NAME (an ingest endpoint for
+/// webhooks); 200 with its id once it is on disk.
+async fn queue_ingest(
+    State(app): State<SharedApp>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    body: axum::body::Bytes,
+) -> Response {
+    let msg = gust_events::Message {
+        body,
+        attributes: serde_json::Value::Null,
+    };
+    match app.events.send(&name, vec![msg]).await {
+        Ok(ids) => axum::Json(serde_json::json!({ "id": ids[0] })).into_response(),
+        Err(e) => error::enqueue_error(&e, false),
+    }
 }
 
 async fn manifest_route(State(app): State<SharedApp>, req: Request) -> Response {

@@ -129,6 +129,51 @@ impl Platform {
                 }
             }
         }
+        // Every queue a function names must exist: declared here, or by a service deployed
+        // before.
+        let mut known: std::collections::HashSet<String> =
+            self.store.queues()?.into_iter().map(|q| q.name).collect();
+        known.extend(manifest.queues.iter().map(|q| q.name.clone()));
+        let check = |what: String, q: &str| -> Result<(), ApiError> {
+            if known.contains(q) {
+                Ok(())
+            } else {
+                Err(ApiError::BadRequest(format!(
+                    "{what} names queue {q}, which no service declares: add [queues.{q}] to gust.toml"
+                )))
+            }
+        };
+        for (spec, _) in &specs {
+            let a = &spec.async_config;
+            if let Some(q) = &a.dead_letter_queue {
+                check(
+                    format!("[functions.{}.async] dead_letter_queue", spec.name),
+                    q,
+                )?;
+            }
+            for d in [&a.on_success, &a.on_failure].into_iter().flatten() {
+                if let gust_core::Destination::Queue(q) = d {
+                    check(format!("[functions.{}.async] destination", spec.name), q)?;
+                }
+            }
+            for sub in &spec.subscriptions {
+                check(
+                    format!("[[functions.{}.subscriptions]]", spec.name),
+                    &sub.queue,
+                )?;
+            }
+            for sch in &spec.schedules {
+                if let Some(q) = &sch.dead_letter_queue {
+                    check(format!("schedule {}", sch.name), q)?;
+                }
+            }
+        }
+        for q in &manifest.queues {
+            if let Some(d) = &q.dead_letter_queue {
+                check(format!("[queues.{}] dead_letter_queue", q.name), d)?;
+            }
+        }
+        self.store.set_queues(&manifest.service, &manifest.queues)?;
         // Unpack every bundle before anything is recorded, so a failure leaves the store and
         // the running pools as they were.
         for (_, sha) in &specs {

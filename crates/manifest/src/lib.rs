@@ -9,7 +9,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::ops::Range;
 
-use gust_core::{FunctionSpec, Route, Runtime, Scaling, valid_name};
+use gust_core::{
+    AsyncConfig, Destination, FunctionSpec, QueueSpec, Route, Runtime, Scaling, ScheduleSpec,
+    Subscription, valid_name,
+};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -18,6 +21,8 @@ use toml::Spanned;
 pub struct Manifest {
     pub service: String,
     pub functions: Vec<ManifestFunction>,
+    /// Queues the service declares (`[queues.NAME]`).
+    pub queues: Vec<QueueSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +60,52 @@ struct RawManifest {
     service: Spanned<RawService>,
     #[serde(default)]
     functions: BTreeMap<String, Spanned<RawFunction>>,
+    #[serde(default)]
+    queues: BTreeMap<String, Spanned<RawQueue>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQueue {
+    visibility_timeout: Option<Spanned<i64>>,
+    dead_letter_queue: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAsync {
+    retries: Option<Spanned<i64>>,
+    retry_backoff_ms: Option<Spanned<i64>>,
+    max_event_age: Option<Spanned<i64>>,
+    max_concurrency: Option<Spanned<i64>>,
+    on_success: Option<Spanned<String>>,
+    on_failure: Option<Spanned<String>>,
+    dead_letter_queue: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSubscription {
+    queue: Spanned<String>,
+    batch_size: Option<Spanned<i64>>,
+    batch_window: Option<Spanned<i64>>,
+    max_concurrency: Option<Spanned<i64>>,
+    max_receives: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSchedule {
+    name: Option<Spanned<String>>,
+    expression: Spanned<String>,
+    timezone: Option<Spanned<String>>,
+    input: Option<Spanned<toml::Value>>,
+    flexible_window: Option<Spanned<i64>>,
+    overlap: Option<Spanned<String>>,
+    missed: Option<Spanned<String>>,
+    retries: Option<Spanned<i64>>,
+    max_event_age: Option<Spanned<i64>>,
+    dead_letter_queue: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -78,6 +129,12 @@ struct RawFunction {
     routes: Vec<Spanned<RawRoute>>,
     ephemeral_storage: Option<Spanned<i64>>,
     network: Option<Spanned<String>>,
+    #[serde(rename = "async")]
+    async_config: Option<Spanned<RawAsync>>,
+    #[serde(default)]
+    subscriptions: Vec<Spanned<RawSubscription>>,
+    #[serde(default)]
+    schedules: Vec<Spanned<RawSchedule>>,
 }
 
 #[derive(Deserialize)]
@@ -101,7 +158,14 @@ const METHODS: &[&str] = &[
     "ANY", "GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS",
 ];
 /// Path prefixes gust itself serves; a route may not shadow them.
-pub const RESERVED_PREFIXES: &[&str] = &["/_gust", "/fn/", "/2015-03-31/", "/2018-06-01/"];
+pub const RESERVED_PREFIXES: &[&str] = &[
+    "/_gust",
+    "/fn/",
+    "/async/",
+    "/q/",
+    "/2015-03-31/",
+    "/2018-06-01/",
+];
 /// Environment variables the platform sets; a function may not override them (Lambda's list).
 const RESERVED_ENV: &[&str] = &[
     "_HANDLER",
@@ -164,6 +228,43 @@ impl Ctx<'_> {
         }
         T::try_from(n).map_err(|_| self.err(v.span(), format!("{key} = {n}: out of range")))
     }
+}
+
+/// `function:NAME`, `queue:NAME` or an http(s) URL.
+fn destination(
+    cx: &Ctx<'_>,
+    v: &Option<Spanned<String>>,
+    key: &str,
+) -> Result<Option<Destination>, ManifestError> {
+    let Some(v) = v else { return Ok(None) };
+    match Destination::parse(v.get_ref()) {
+        Some(d) => Ok(Some(d)),
+        None => Err(cx.err(
+            v.span(),
+            format!(
+                "{key} = {:?}: must be \"function:NAME\", \"queue:NAME\" or an http(s):// URL",
+                v.get_ref()
+            ),
+        )),
+    }
+}
+
+fn queue_ref(
+    cx: &Ctx<'_>,
+    v: &Option<Spanned<String>>,
+    key: &str,
+) -> Result<Option<String>, ManifestError> {
+    let Some(v) = v else { return Ok(None) };
+    if !valid_name(v.get_ref()) {
+        return Err(cx.err(
+            v.span(),
+            format!(
+                "{key} = {:?}: a queue name must be 1-64 letters, digits, '-' or '_'",
+                v.get_ref()
+            ),
+        ));
+    }
+    Ok(Some(v.get_ref().clone()))
 }
 
 /// Parses and validates a manifest. `file` names it in errors (e.g. `gust.toml`).
@@ -400,6 +501,144 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 path: path.clone(),
             });
         }
+        let max_instances = scaling.max_instances;
+        let async_config = match &f.async_config {
+            None => AsyncConfig::default(),
+            Some(a) => {
+                let a = a.get_ref();
+                let d = AsyncConfig::default();
+                AsyncConfig {
+                    retries: cx.int(&a.retries, "retries", 0..=2, "", d.retries)?,
+                    retry_backoff_ms: cx.int(
+                        &a.retry_backoff_ms,
+                        "retry_backoff_ms",
+                        0..=3_600_000,
+                        " ms",
+                        d.retry_backoff_ms,
+                    )?,
+                    max_event_age_s: cx.int(
+                        &a.max_event_age,
+                        "max_event_age",
+                        60..=21_600,
+                        " seconds",
+                        d.max_event_age_s,
+                    )?,
+                    max_concurrency: a
+                        .max_concurrency
+                        .as_ref()
+                        .map(|_| {
+                            cx.int(
+                                &a.max_concurrency,
+                                "max_concurrency",
+                                1..=max_instances as i64,
+                                " (at most max_instances)",
+                                1u32,
+                            )
+                        })
+                        .transpose()?,
+                    on_success: destination(&cx, &a.on_success, "on_success")?,
+                    on_failure: destination(&cx, &a.on_failure, "on_failure")?,
+                    dead_letter_queue: queue_ref(&cx, &a.dead_letter_queue, "dead_letter_queue")?,
+                }
+            }
+        };
+        let mut subscriptions = Vec::new();
+        for sub in &f.subscriptions {
+            let s = sub.get_ref();
+            let queue = queue_ref(&cx, &Some(s.queue.clone()), "queue")?.unwrap_or_default();
+            let batch_size = cx.int(&s.batch_size, "batch_size", 1..=10_000, "", 10u32)?;
+            let batch_window_s =
+                cx.int(&s.batch_window, "batch_window", 0..=300, " seconds", 0u64)?;
+            if batch_size > 10 && batch_window_s == 0 {
+                return Err(cx.err(
+                    sub.span(),
+                    format!("batch_size = {batch_size}: a batch larger than 10 needs batch_window >= 1 second (as on Lambda)"),
+                ));
+            }
+            subscriptions.push(Subscription {
+                queue,
+                batch_size,
+                batch_window_ms: batch_window_s * 1000,
+                max_concurrency: s
+                    .max_concurrency
+                    .as_ref()
+                    .map(|_| cx.int(&s.max_concurrency, "max_concurrency", 1..=1000, "", 1u32))
+                    .transpose()?,
+                max_receives: cx.int(&s.max_receives, "max_receives", 1..=1000, "", 5u32)?,
+            });
+        }
+        let mut schedules = Vec::new();
+        for (i, sch) in f.schedules.iter().enumerate() {
+            let s = sch.get_ref();
+            let local = match &s.name {
+                Some(n) if valid_name(n.get_ref()) => n.get_ref().clone(),
+                Some(n) => {
+                    return Err(cx.err(
+                        n.span(),
+                        format!(
+                            "name = {:?}: a schedule name must be 1-64 letters, digits, '-' or '_'",
+                            n.get_ref()
+                        ),
+                    ));
+                }
+                None => i.to_string(),
+            };
+            let expression = s.expression.get_ref().trim().to_string();
+            let timezone = s.timezone.as_ref().map(|t| t.get_ref().clone());
+            if let Err(e) = gust_core::schedule::Schedule::parse(&expression, timezone.as_deref()) {
+                let span = match (&s.timezone, e.contains("time zone")) {
+                    (Some(t), true) => t.span(),
+                    _ => s.expression.span(),
+                };
+                return Err(cx.err(span, e));
+            }
+            let choice = |v: &Option<Spanned<String>>,
+                          key: &str,
+                          a: &str,
+                          b: &str|
+             -> Result<bool, ManifestError> {
+                match v {
+                    None => Ok(true),
+                    Some(x) if x.get_ref() == a => Ok(true),
+                    Some(x) if x.get_ref() == b => Ok(false),
+                    Some(x) => Err(cx.err(
+                        x.span(),
+                        format!("{key} = {:?}: must be \"{a}\" or \"{b}\"", x.get_ref()),
+                    )),
+                }
+            };
+            let input = match &s.input {
+                None => None,
+                Some(v) => Some(
+                    serde_json::to_string(v.get_ref())
+                        .map_err(|e| cx.err(v.span(), format!("input: {e}")))?,
+                ),
+            };
+            schedules.push(ScheduleSpec {
+                name: format!("{name}.{local}"),
+                expression,
+                timezone,
+                input,
+                flexible_window_min: cx.int(
+                    &s.flexible_window,
+                    "flexible_window",
+                    0..=1440,
+                    " minutes",
+                    0u32,
+                )?,
+                allow_overlap: choice(&s.overlap, "overlap", "allow", "skip")?,
+                catch_up: !choice(&s.missed, "missed", "skip", "run_once")?,
+                retries: cx.int(&s.retries, "retries", 0..=185, "", 185u32)?,
+                max_event_age_s: cx.int(
+                    &s.max_event_age,
+                    "max_event_age",
+                    60..=86_400,
+                    " seconds",
+                    86_400u64,
+                )?,
+                dead_letter_queue: queue_ref(&cx, &s.dead_letter_queue, "dead_letter_queue")?,
+            });
+        }
         let code = f
             .code
             .as_ref()
@@ -418,11 +657,40 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 routes,
                 ephemeral_storage_mb,
                 network,
+                async_config,
+                subscriptions,
+                schedules,
             },
             code,
         });
     }
-    Ok(Manifest { service, functions })
+    let mut queues = Vec::new();
+    for (name, q) in &raw.queues {
+        if !valid_name(name) {
+            return Err(cx.err(
+                q.span(),
+                format!("[queues.{name}]: a queue name must be 1-64 letters, digits, '-' or '_'"),
+            ));
+        }
+        let r = q.get_ref();
+        queues.push(QueueSpec {
+            name: name.clone(),
+            service: service.clone(),
+            visibility_timeout_ms: cx.int(
+                &r.visibility_timeout,
+                "visibility_timeout",
+                1..=43_200,
+                " seconds",
+                30u64,
+            )? * 1000,
+            dead_letter_queue: queue_ref(&cx, &r.dead_letter_queue, "dead_letter_queue")?,
+        });
+    }
+    Ok(Manifest {
+        service,
+        functions,
+        queues,
+    })
 }
 
 /// A route's shape: parameter names replaced, so `/users/{id}` and `/users/{uid}` compare equal.

@@ -675,7 +675,10 @@ impl Invoker for Pools {
     ) -> BoxFuture<'a, Result<InvokeResult, InvokeError>> {
         Box::pin(async move {
             // One request id for the invocation, whichever pool or instance ends up running it.
-            let request_id = uuid::Uuid::new_v4().to_string();
+            let request_id = invocation
+                .request_id
+                .clone()
+                .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
             for _ in 0..=MAX_RETRIES {
                 if self
                     .shutting_down

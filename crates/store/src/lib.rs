@@ -13,13 +13,15 @@
 //! Cluster mode will put the same concerns behind NATS KV and object store; the gateway only
 //! uses this crate's public methods, which are the seam.
 
+pub mod events;
+
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, mpsc};
 
-use gust_core::{FunctionSpec, LogRecord, LogSink, now_ms};
+use gust_core::{FunctionSpec, LogRecord, LogSink, QueueSpec, now_ms};
 use rusqlite::{Connection, OptionalExtension, params};
 use sha2::{Digest, Sha256};
 
@@ -40,7 +42,7 @@ pub enum StoreError {
     Invalid(String),
 }
 
-fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
+pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> StoreError {
     let context = context.into();
     move |source| StoreError::Io { context, source }
 }
@@ -110,6 +112,11 @@ CREATE TABLE IF NOT EXISTS logs (
   line TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS logs_by_function ON logs(function, id);
+CREATE TABLE IF NOT EXISTS queues (
+  name TEXT PRIMARY KEY,
+  service TEXT NOT NULL,
+  spec TEXT NOT NULL
+);
 ";
 
 /// How long the log writer lets lines gather before a batch insert.
@@ -117,7 +124,7 @@ const BATCH_WAIT_MS: u64 = 20;
 /// How many log lines are kept in all; older ones are pruned by the writer.
 const LOG_RETENTION: i64 = 200_000;
 
-fn open_db(path: &Path) -> Result<Connection> {
+pub(crate) fn open_db(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
@@ -399,6 +406,63 @@ impl Store {
         row.map(Self::decode).transpose()
     }
 
+    /// Replaces a service's queues with `queues` (queues it no longer declares are dropped from
+    /// the registry; their messages stay until purged). A queue name owned by another service
+    /// is a conflict.
+    pub fn set_queues(&self, service: &str, queues: &[QueueSpec]) -> Result<()> {
+        let mut db = self.db();
+        let tx = db.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        for q in queues {
+            let owner: Option<String> = tx
+                .query_row(
+                    "SELECT service FROM queues WHERE name = ?1",
+                    [&q.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if let Some(owner) = owner.filter(|o| o != service) {
+                return Err(StoreError::Conflict(format!(
+                    "queue {} belongs to service {owner}: rename it, or remove that service first",
+                    q.name
+                )));
+            }
+        }
+        tx.execute("DELETE FROM queues WHERE service = ?1", [service])?;
+        for q in queues {
+            let spec = serde_json::to_string(q).expect("queue spec serialises");
+            tx.execute(
+                "INSERT INTO queues (name, service, spec) VALUES (?1, ?2, ?3)",
+                params![q.name, service, spec],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn queues(&self) -> Result<Vec<QueueSpec>> {
+        let db = self.db();
+        let mut st = db.prepare("SELECT spec FROM queues ORDER BY name")?;
+        let rows = st
+            .query_map([], |r| r.get::<_, String>(0))?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        rows.iter()
+            .map(|s| {
+                serde_json::from_str(s).map_err(|e| {
+                    StoreError::Invalid(format!("stored queue spec is unreadable: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    pub fn queue(&self, name: &str) -> Result<Option<QueueSpec>> {
+        Ok(self.queues()?.into_iter().find(|q| q.name == name))
+    }
+
+    /// Opens the durable event store (its own connections and writer thread).
+    pub fn event_store(&self) -> Result<events::EventStore> {
+        events::EventStore::open(&self.dir.join("gust.db"))
+    }
+
     /// Removes one function. Returns false if there was none.
     pub fn remove_function(&self, name: &str) -> Result<bool> {
         let db = self.db();
@@ -416,6 +480,7 @@ impl Store {
         };
         let existed = tx.execute("DELETE FROM services WHERE name = ?1", [service])? > 0;
         tx.execute("DELETE FROM functions WHERE service = ?1", [service])?;
+        tx.execute("DELETE FROM queues WHERE service = ?1", [service])?;
         tx.commit()?;
         Ok((existed || !names.is_empty()).then_some(names))
     }
@@ -593,6 +658,9 @@ mod tests {
             memory_mb: 128,
             ephemeral_storage_mb: 512,
             network: Default::default(),
+            async_config: Default::default(),
+            subscriptions: Vec::new(),
+            schedules: Vec::new(),
             timeout: None,
             environment: Default::default(),
             scaling: Scaling::default(),

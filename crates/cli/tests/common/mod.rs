@@ -100,6 +100,48 @@ impl TestServer {
         }
     }
 
+    /// Starts the server again on the same data dir after `stop`.
+    pub async fn start_again(&mut self) {
+        let server = start_on(self.data.path()).await;
+        self.client = Client::new(&server.url(), Some(server.token.clone()));
+        self.anon = Client::new(&server.url(), None);
+        self.server = Some(server);
+    }
+
+    /// A raw admin API call (JSON body) that must succeed.
+    pub async fn admin_json(&self, method: Method, path: &str, body: Value) -> Value {
+        let r = self.admin_raw(method, path, body.to_string()).await;
+        assert!(
+            r.status.is_success(),
+            "{path}: {} {}",
+            r.status,
+            String::from_utf8_lossy(&r.body)
+        );
+        serde_json::from_slice(&r.body).unwrap()
+    }
+
+    /// Log lines (text) of a function, polled until `pred` holds over them or `limit` passes.
+    pub async fn wait_logs(
+        &self,
+        name: &str,
+        limit: Duration,
+        pred: impl Fn(&[String]) -> bool,
+    ) -> Vec<String> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let lines: Vec<String> = self
+                .logs(name)
+                .await
+                .iter()
+                .filter_map(|l| l["line"].as_str().map(str::to_string))
+                .collect();
+            if pred(&lines) || Instant::now() >= deadline {
+                return lines;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Writes a service (gust.toml + files) into a temp dir and deploys it.
     pub async fn deploy(&mut self, manifest: &str, files: &[(&str, &str)]) -> Value {
         let dir = write_service(manifest, files);

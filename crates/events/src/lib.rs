@@ -1,0 +1,1134 @@
+//! gust-events: everything that invokes functions without a caller waiting — asynchronous
+//! invocations, queues consumed in batches (event source mappings) and schedules — on top of
+//! the durable event store (`gust_store::events`) and the same `Invoker` the gateway uses.
+//!
+//! - An accepted event is on disk before the caller hears 202 (group commit in the store's
+//!   writer thread); it runs at least once, with its id as the request id the function sees.
+//! - Async delivery per function uses at most `async.max_concurrency` instances (default half
+//!   of `max_instances`): the other half stays for synchronous callers (a reserved lane).
+//! - Policy (retries, backoff, partial batches) is pure (`policy.rs`); the loops here carry it
+//!   out. Schedules' next fire times are persisted, and each slot's event has a deterministic id,
+//!   so a slot fires once even across restarts.
+
+mod http;
+pub mod policy;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use gust_core::schedule::Schedule;
+use gust_core::{
+    Destination, FunctionSpec, FunctionVersion, Invocation, InvokeError, Invoker, Outcome,
+    QueueSpec, ScheduleSpec, now_ms,
+};
+use gust_store::Store;
+use gust_store::events::{Counts, Event, EventStore, Kind, NewEvent, Settle};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, oneshot};
+
+use crate::policy::{Attempt, Decision, RetryPolicy, decide};
+
+/// Largest async payload or queue message accepted (Lambda async: 1 MB).
+pub const MAX_EVENT_BYTES: usize = 1024 * 1024;
+
+/// Finds a deployed function by name (the live pools: no database read per event).
+pub type Lookup = Arc<dyn Fn(&str) -> Option<Arc<FunctionVersion>> + Send + Sync>;
+
+#[derive(Debug)]
+pub enum EnqueueError {
+    NotFound(String),
+    Invalid(String),
+    TooLarge(usize),
+    Store(String),
+}
+
+impl std::fmt::Display for EnqueueError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EnqueueError::NotFound(m) | EnqueueError::Invalid(m) | EnqueueError::Store(m) => {
+                f.write_str(m)
+            }
+            EnqueueError::TooLarge(n) => {
+                write!(f, "the event is {n} bytes; the limit is {MAX_EVENT_BYTES}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for EnqueueError {}
+
+/// A message to send to a queue.
+#[derive(Debug, Clone, Default)]
+pub struct Message {
+    pub body: Bytes,
+    /// SQS-style message attributes: `{"name": {"stringValue": "...", "dataType": "String"}}`.
+    pub attributes: Value,
+}
+
+pub struct Events {
+    store: EventStore,
+    registry: Arc<Store>,
+    invoker: Arc<dyn Invoker>,
+    lookup: Lookup,
+    http: http::Client,
+    /// Running loops by key (`async:F`, `sub:F:Q`), each with its wake-up.
+    workers: Mutex<HashMap<String, Arc<Notify>>>,
+    scheduler: Arc<Notify>,
+    /// Schedules with a run in flight (for `overlap = "skip"`).
+    running: Mutex<HashSet<String>>,
+    stopping: AtomicBool,
+}
+
+fn store_err(e: impl std::fmt::Display) -> EnqueueError {
+    EnqueueError::Store(format!("event store: {e}"))
+}
+
+impl Events {
+    pub fn new(
+        registry: Arc<Store>,
+        invoker: Arc<dyn Invoker>,
+        lookup: Lookup,
+    ) -> gust_store::Result<Arc<Events>> {
+        Ok(Arc::new(Events {
+            store: registry.event_store()?,
+            registry,
+            invoker,
+            lookup,
+            http: http::Client::new(),
+            workers: Mutex::new(HashMap::new()),
+            scheduler: Arc::new(Notify::new()),
+            running: Mutex::new(HashSet::new()),
+            stopping: AtomicBool::new(false),
+        }))
+    }
+
+    /// Starts delivery for everything already stored, the subscriptions and the scheduler.
+    pub fn start(self: &Arc<Self>) {
+        self.refresh();
+        let me = self.clone();
+        tokio::spawn(async move { me.run_scheduler().await });
+    }
+
+    /// After a deploy or removal: start loops for new async backlogs and subscriptions, and
+    /// let the scheduler reload.
+    pub fn refresh(self: &Arc<Self>) {
+        if let Ok(functions) = self.registry.functions() {
+            for f in functions {
+                self.wake_async(&f.spec.name);
+                for s in &f.spec.subscriptions {
+                    self.ensure_subscription(&f.spec.name, &s.queue);
+                }
+            }
+        }
+        self.scheduler.notify_one();
+    }
+
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        for n in self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+        {
+            n.notify_one();
+        }
+        self.scheduler.notify_one();
+    }
+
+    async fn append(&self, events: Vec<NewEvent>) -> Result<(), EnqueueError> {
+        let (tx, rx) = oneshot::channel();
+        self.store.append(events, move |r| {
+            let _ = tx.send(r);
+        });
+        rx.await
+            .map_err(|_| store_err("the writer is gone"))?
+            .map_err(store_err)
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&EventStore, Box<dyn FnOnce(gust_store::Result<T>) + Send>),
+    ) -> Result<T, EnqueueError> {
+        let (tx, rx) = oneshot::channel();
+        f(
+            &self.store,
+            Box::new(move |r| {
+                let _ = tx.send(r);
+            }),
+        );
+        rx.await
+            .map_err(|_| store_err("the writer is gone"))?
+            .map_err(store_err)
+    }
+
+    // ---- async invocations ----
+
+    /// Stores an asynchronous invocation and returns its id (the function's request id).
+    /// `callback`: a URL that receives the result; `http`: the payload is an HTTP event whose
+    /// response the callback maps (status, body).
+    pub async fn invoke_async(
+        self: &Arc<Self>,
+        function: &str,
+        payload: Bytes,
+        callback: Option<String>,
+        http: bool,
+    ) -> Result<String, EnqueueError> {
+        if (self.lookup)(function).is_none() {
+            return Err(EnqueueError::NotFound(format!(
+                "Function not found: {function}"
+            )));
+        }
+        if payload.len() > MAX_EVENT_BYTES {
+            return Err(EnqueueError::TooLarge(payload.len()));
+        }
+        if let Some(u) = &callback
+            && !u.starts_with("http://")
+        {
+            return Err(EnqueueError::Invalid(format!(
+                "X-Callback-Url {u:?}: must be an http:// URL (https is not supported yet)"
+            )));
+        }
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut attrs = json!({});
+        if let Some(u) = callback {
+            attrs["callback"] = Value::String(u);
+        }
+        if http {
+            attrs["http"] = Value::Bool(true);
+        }
+        self.append(vec![NewEvent {
+            id: id.clone(),
+            kind: Kind::Async,
+            target: function.to_string(),
+            payload: payload.to_vec(),
+            attributes: attrs.to_string(),
+            visible_ms: 0,
+            source: None,
+        }])
+        .await?;
+        self.wake_async(function);
+        Ok(id)
+    }
+
+    fn worker(self: &Arc<Self>, key: String) -> (Arc<Notify>, bool) {
+        let mut w = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = w.get(&key) {
+            return (n.clone(), false);
+        }
+        let n = Arc::new(Notify::new());
+        w.insert(key, n.clone());
+        (n, true)
+    }
+
+    fn forget(&self, key: &str) {
+        self.workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(key);
+    }
+
+    fn wake_async(self: &Arc<Self>, function: &str) {
+        let (notify, new) = self.worker(format!("async:{function}"));
+        if new {
+            let me = self.clone();
+            let f = function.to_string();
+            tokio::spawn(async move { me.run_async(f, notify).await });
+        } else {
+            notify.notify_one();
+        }
+    }
+
+    async fn run_async(self: Arc<Self>, function: String, notify: Arc<Notify>) {
+        let key = format!("async:{function}");
+        let inflight = Arc::new(AtomicUsize::new(0));
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return self.forget(&key);
+            }
+            let Some(f) = (self.lookup)(&function) else {
+                // Removed: nothing left to run it. Its stored events stay (visible with
+                // `gust events show`) and run if it is deployed again.
+                return self.forget(&key);
+            };
+            let spec = &f.spec;
+            let cap = async_cap(spec);
+            let free = cap.saturating_sub(inflight.load(Ordering::SeqCst));
+            let mut claimed = Vec::new();
+            if free > 0 {
+                let lease = timeout_ms(spec) + 60_000;
+                let target = function.clone();
+                claimed = self
+                    .call(move |s, r| s.claim(Kind::Async, &target, free, lease, r))
+                    .await
+                    .unwrap_or_default();
+            }
+            if claimed.is_empty() {
+                let wait = if free == 0 {
+                    Duration::from_secs(60)
+                } else {
+                    self.until_due(Kind::Async, &function)
+                };
+                if wait.is_zero() {
+                    // Due but not claimed: the store is failing; do not spin.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            for e in claimed {
+                inflight.fetch_add(1, Ordering::SeqCst);
+                let me = self.clone();
+                let f = f.clone();
+                let inflight = inflight.clone();
+                let notify = notify.clone();
+                tokio::spawn(async move {
+                    me.deliver(&f, e).await;
+                    inflight.fetch_sub(1, Ordering::SeqCst);
+                    notify.notify_one();
+                });
+            }
+        }
+    }
+
+    /// How long until the next stored event of a target is due (at most a minute).
+    fn until_due(&self, kind: Kind, target: &str) -> Duration {
+        match self.store.next_due_ms(kind, target) {
+            Ok(Some(t)) => Duration::from_millis(t.saturating_sub(now_ms()).clamp(1, 60_000)),
+            _ => Duration::from_secs(60),
+        }
+    }
+
+    async fn deliver(self: &Arc<Self>, f: &FunctionVersion, e: Event) {
+        let spec = &f.spec;
+        let policy = e
+            .attributes
+            .get("policy")
+            .and_then(|p| {
+                Some(RetryPolicy {
+                    retries: p.get("retries")?.as_u64()? as u32,
+                    backoff_ms: p.get("backoff_ms")?.as_u64()?,
+                    max_age_ms: p.get("max_age_ms")?.as_u64()?,
+                })
+            })
+            .unwrap_or(RetryPolicy {
+                retries: spec.async_config.retries,
+                backoff_ms: spec.async_config.retry_backoff_ms,
+                max_age_ms: spec.async_config.max_event_age_s * 1000,
+            });
+        let started = Instant::now();
+        let result = self
+            .invoker
+            .invoke(
+                &e.target,
+                Invocation {
+                    payload: Bytes::from(e.payload.clone()),
+                    content_type: Some("application/json".into()),
+                    request_id: Some(e.id.clone()),
+                    ..Invocation::default()
+                },
+            )
+            .await;
+        let duration = started.elapsed();
+        let (attempt, error, response, function_error) = match &result {
+            Ok(r) => match &r.outcome {
+                Outcome::Response { body, .. } => (Attempt::Succeeded, None, body.clone(), None),
+                Outcome::FunctionError { error_type, body } => (
+                    Attempt::FunctionError,
+                    Some(format!("{error_type}: {}", error_message(body))),
+                    body.clone(),
+                    Some("Unhandled"),
+                ),
+            },
+            // Stopping: leave it in flight; it runs again after the restart.
+            Err(InvokeError::ShuttingDown) => return,
+            Err(InvokeError::NotFound(m)) => (Attempt::Gone, Some(m.clone()), Bytes::new(), None),
+            Err(InvokeError::PayloadTooLarge(n)) => (
+                Attempt::Gone,
+                Some(format!("payload of {n} bytes is too large")),
+                Bytes::new(),
+                None,
+            ),
+            Err(err) => (
+                Attempt::Throttled,
+                Some(err.to_string()),
+                Bytes::new(),
+                None,
+            ),
+        };
+        let age = now_ms().saturating_sub(e.created_ms);
+        let decision = decide(attempt, e.attempts, age, &policy, fastrand::f64());
+        let settle = match decision {
+            Decision::Done => Settle::Final {
+                state: "succeeded",
+                error: None,
+            },
+            Decision::Retry { delay_ms, count } => Settle::Retry {
+                visible_ms: now_ms() + delay_ms,
+                error: error.clone(),
+                count,
+            },
+            Decision::GiveUp(_) => {
+                let dlq = e
+                    .attributes
+                    .get("dlq")
+                    .and_then(Value::as_str)
+                    .map(str::to_string)
+                    .or_else(|| spec.async_config.dead_letter_queue.clone());
+                match dlq {
+                    Some(q) => Settle::DeadLetter {
+                        error: error.clone(),
+                        copy: Some(dead_letter(&q, &e, error.as_deref().unwrap_or(""))),
+                    },
+                    None => Settle::Final {
+                        state: "failed",
+                        error: error.clone(),
+                    },
+                }
+            }
+        };
+        let dead_copy = matches!(&settle, Settle::DeadLetter { copy: Some(_), .. });
+        let id = e.id.clone();
+        if let Err(err) = self.call(move |s, r| s.settle(vec![(id, settle)], r)).await {
+            tracing::error!("event {}: could not record the outcome: {err}", e.id);
+            return;
+        }
+        if dead_copy
+            && let Some(q) = e
+                .attributes
+                .get("dlq")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .or(spec.async_config.dead_letter_queue.clone())
+        {
+            self.wake_queue(&q);
+        }
+        let (condition, final_) = match decision {
+            Decision::Done => ("Success", true),
+            Decision::GiveUp(c) => (c, true),
+            Decision::Retry { .. } => ("", false),
+        };
+        if !final_ {
+            return;
+        }
+        if let Some(name) = e.attributes.get("schedule").and_then(Value::as_str) {
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(name);
+            let outcome = if condition == "Success" {
+                "succeeded".to_string()
+            } else {
+                format!(
+                    "failed ({condition}): {}",
+                    error.clone().unwrap_or_default()
+                )
+            };
+            let slot = e
+                .attributes
+                .get("slot_ms")
+                .and_then(Value::as_u64)
+                .unwrap_or(e.created_ms);
+            let name = name.to_string();
+            let _ = self
+                .call(move |s, r| {
+                    s.set_schedule(&name, None, Some((slot, outcome)), Some(false), r)
+                })
+                .await;
+            self.scheduler.notify_one();
+        }
+        let destination = if condition == "Success" {
+            spec.async_config.on_success.clone()
+        } else {
+            spec.async_config.on_failure.clone()
+        };
+        if let Some(d) = destination {
+            let record = policy::invocation_record(
+                &e.id,
+                &f.arn(),
+                condition,
+                e.attempts,
+                &e.payload,
+                200,
+                function_error,
+                &response,
+                now_ms(),
+            );
+            self.send_to(&d, record).await;
+        }
+        if let Some(url) = e.attributes.get("callback").and_then(Value::as_str) {
+            let http_event = e
+                .attributes
+                .get("http")
+                .and_then(Value::as_bool)
+                .unwrap_or(false);
+            let (status, body) = callback_body(
+                condition == "Success",
+                http_event,
+                &response,
+                error.as_deref(),
+            );
+            let headers = vec![
+                ("X-Call-Id", e.id.clone()),
+                ("X-Function-Name", e.target.clone()),
+                ("X-Function-Status", status.to_string()),
+                (
+                    "X-Duration-Seconds",
+                    format!("{:.6}", duration.as_secs_f64()),
+                ),
+                ("X-Attempts", e.attempts.to_string()),
+            ];
+            if let Err(err) = self.http.post(url, headers, body).await {
+                tracing::warn!("event {}: callback to {url} failed: {err}", e.id);
+            }
+        }
+    }
+
+    /// Delivers an invocation record to a destination (best effort for URLs).
+    async fn send_to(self: &Arc<Self>, d: &Destination, record: Value) {
+        let body = Bytes::from(record.to_string());
+        let r = match d {
+            Destination::Function(f) => self.invoke_async(f, body, None, false).await.map(|_| ()),
+            Destination::Queue(q) => self
+                .send(
+                    q,
+                    vec![Message {
+                        body,
+                        attributes: json!({}),
+                    }],
+                )
+                .await
+                .map(|_| ()),
+            Destination::Url(u) => self
+                .http
+                .post(u, vec![("Content-Type", "application/json".into())], body)
+                .await
+                .map_err(EnqueueError::Store),
+        };
+        if let Err(e) = r {
+            tracing::warn!("destination {d:?}: {e}");
+        }
+    }
+
+    // ---- queues ----
+
+    /// Sends messages to a declared queue; returns their ids once they are on disk.
+    pub async fn send(
+        self: &Arc<Self>,
+        queue: &str,
+        messages: Vec<Message>,
+    ) -> Result<Vec<String>, EnqueueError> {
+        if self.registry.queue(queue).map_err(store_err)?.is_none() {
+            return Err(EnqueueError::NotFound(format!(
+                "queue {queue} is not declared: add [queues.{queue}] to a service's gust.toml and deploy it"
+            )));
+        }
+        let now = now_ms();
+        let mut ids = Vec::new();
+        let mut events = Vec::new();
+        for m in messages {
+            if m.body.len() > MAX_EVENT_BYTES {
+                return Err(EnqueueError::TooLarge(m.body.len()));
+            }
+            if !(m.attributes.is_null() || m.attributes.is_object()) {
+                return Err(EnqueueError::Invalid(
+                    "message attributes must be a JSON object".into(),
+                ));
+            }
+            let id = uuid::Uuid::new_v4().to_string();
+            ids.push(id.clone());
+            events.push(NewEvent {
+                id,
+                kind: Kind::Queue,
+                target: queue.to_string(),
+                payload: m.body.to_vec(),
+                attributes: json!({"messageAttributes": if m.attributes.is_null() { json!({}) } else { m.attributes }, "sentTimestamp": now}).to_string(),
+                visible_ms: 0,
+                source: None,
+            });
+        }
+        self.append(events).await?;
+        self.wake_queue(queue);
+        Ok(ids)
+    }
+
+    fn wake_queue(&self, queue: &str) {
+        let suffix = format!(":{queue}");
+        for (k, n) in self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if k.starts_with("sub:") && k.ends_with(&suffix) {
+                n.notify_one();
+            }
+        }
+    }
+
+    fn ensure_subscription(self: &Arc<Self>, function: &str, queue: &str) {
+        let (notify, new) = self.worker(format!("sub:{function}:{queue}"));
+        if new {
+            let me = self.clone();
+            let (f, q) = (function.to_string(), queue.to_string());
+            tokio::spawn(async move { me.run_subscription(f, q, notify).await });
+        } else {
+            notify.notify_one();
+        }
+    }
+
+    async fn run_subscription(
+        self: Arc<Self>,
+        function: String,
+        queue: String,
+        notify: Arc<Notify>,
+    ) {
+        let key = format!("sub:{function}:{queue}");
+        let inflight = Arc::new(AtomicUsize::new(0));
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return self.forget(&key);
+            }
+            let Some(f) = (self.lookup)(&function) else {
+                return self.forget(&key);
+            };
+            let Some(sub) = f
+                .spec
+                .subscriptions
+                .iter()
+                .find(|s| s.queue == queue)
+                .cloned()
+            else {
+                return self.forget(&key);
+            };
+            let Ok(Some(q)) = self.registry.queue(&queue) else {
+                tracing::warn!(
+                    "function {function} subscribes to queue {queue}, which is not declared"
+                );
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                continue;
+            };
+            let cap = sub
+                .max_concurrency
+                .map(|c| c as usize)
+                .unwrap_or_else(|| (f.spec.scaling.max_instances as usize / 2).max(1));
+            let free = cap.saturating_sub(inflight.load(Ordering::SeqCst));
+            let now = now_ms();
+            let (due, oldest) = if free > 0 {
+                self.store
+                    .due(Kind::Queue, &queue, now, sub.batch_size as u64)
+                    .unwrap_or((0, None))
+            } else {
+                (0, None)
+            };
+            let wait = if free == 0 {
+                Some(Duration::from_secs(60))
+            } else if due == 0 {
+                Some(self.until_due(Kind::Queue, &queue))
+            } else if due < sub.batch_size as u64 && sub.batch_window_ms > 0 {
+                // Gather a fuller batch until the oldest due message has waited the window.
+                let ready = oldest.unwrap_or(now) + sub.batch_window_ms;
+                (ready > now).then(|| Duration::from_millis(ready - now))
+            } else {
+                None
+            };
+            if let Some(wait) = wait {
+                tokio::select! {
+                    _ = notify.notified() => {}
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                continue;
+            }
+            let lease = q.visibility_timeout_ms.max(timeout_ms(&f.spec) + 30_000);
+            let claimed_at = now_ms();
+            let target = queue.clone();
+            let batch_size = sub.batch_size as usize;
+            let batch = self
+                .call(move |s, r| s.claim(Kind::Queue, &target, batch_size, lease, r))
+                .await
+                .unwrap_or_default();
+            if batch.is_empty() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                continue;
+            }
+            inflight.fetch_add(1, Ordering::SeqCst);
+            let me = self.clone();
+            let inflight = inflight.clone();
+            let notify = notify.clone();
+            tokio::spawn(async move {
+                me.process_batch(&f, &sub, &q, batch, claimed_at).await;
+                inflight.fetch_sub(1, Ordering::SeqCst);
+                notify.notify_one();
+            });
+        }
+    }
+
+    async fn process_batch(
+        self: &Arc<Self>,
+        f: &FunctionVersion,
+        sub: &gust_core::Subscription,
+        q: &QueueSpec,
+        batch: Vec<Event>,
+        claimed_at: u64,
+    ) {
+        let records: Vec<Value> = batch.iter().map(|m| sqs_record(&q.name, m)).collect();
+        let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+        let payload = json!({ "Records": records }).to_string();
+        let result = self
+            .invoker
+            .invoke(
+                &f.spec.name,
+                Invocation {
+                    payload: Bytes::from(payload),
+                    content_type: Some("application/json".into()),
+                    ..Invocation::default()
+                },
+            )
+            .await;
+        let failed: Result<Vec<String>, String> = match &result {
+            Ok(r) => match &r.outcome {
+                Outcome::Response { body, .. } => policy::batch_failures(body, &ids),
+                Outcome::FunctionError { error_type, body } => {
+                    Err(format!("{error_type}: {}", error_message(body)))
+                }
+            },
+            Err(InvokeError::ShuttingDown) => return,
+            Err(e) => Err(e.to_string()),
+        };
+        let (failed, error): (HashSet<String>, Option<String>) = match failed {
+            Ok(list) => {
+                let n = list.len();
+                (
+                    list.into_iter().collect(),
+                    (n > 0).then(|| "reported in batchItemFailures".to_string()),
+                )
+            }
+            Err(why) => (ids.iter().cloned().collect(), Some(why)),
+        };
+        let mut settles = Vec::new();
+        let mut dead_lettered = None;
+        for m in &batch {
+            if !failed.contains(&m.id) {
+                settles.push((m.id.clone(), Settle::Delete));
+            } else if m.attempts >= sub.max_receives && q.dead_letter_queue.is_some() {
+                let dlq = q.dead_letter_queue.clone().unwrap_or_default();
+                let mut copy = dead_letter(&dlq, m, error.as_deref().unwrap_or(""));
+                copy.source = Some(q.name.clone());
+                copy.attributes = m.attributes.to_string();
+                settles.push((
+                    m.id.clone(),
+                    Settle::DeadLetter {
+                        error: error.clone(),
+                        copy: Some(copy),
+                    },
+                ));
+                dead_lettered = Some(dlq);
+            } else {
+                // Visible again when its visibility timeout ends, as on SQS.
+                settles.push((
+                    m.id.clone(),
+                    Settle::Retry {
+                        visible_ms: (claimed_at + q.visibility_timeout_ms).max(now_ms()),
+                        error: error.clone(),
+                        count: true,
+                    },
+                ));
+            }
+        }
+        if let Err(e) = self.call(move |s, r| s.settle(settles, r)).await {
+            tracing::error!("queue {}: could not record a batch's outcome: {e}", q.name);
+        }
+        if let Some(d) = dead_lettered {
+            self.wake_queue(&d);
+        }
+        self.wake_queue(&q.name);
+    }
+
+    pub async fn purge(&self, queue: &str) -> Result<u64, EnqueueError> {
+        let q = queue.to_string();
+        self.call(move |s, r| s.purge(&q, r)).await
+    }
+
+    /// Moves a dead-letter queue's messages back to the queues they came from (or `to`).
+    pub async fn redrive(&self, dlq: &str, to: Option<String>) -> Result<u64, EnqueueError> {
+        let d = dlq.to_string();
+        let n = self.call(move |s, r| s.redrive(&d, to, r)).await?;
+        for (k, notify) in self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if k.starts_with("sub:") {
+                notify.notify_one();
+            }
+        }
+        Ok(n)
+    }
+
+    // ---- visibility ----
+
+    pub fn event(&self, id: &str) -> Result<Option<Event>, EnqueueError> {
+        self.store.get(id).map_err(store_err)
+    }
+
+    /// Async invocation counts of a function.
+    pub fn counts(&self, function: &str) -> Result<Counts, EnqueueError> {
+        self.store.counts(Kind::Async, function).map_err(store_err)
+    }
+
+    /// Every declared queue with depth, in flight, oldest age and its DLQ's size.
+    pub fn queue_stats(&self) -> Result<Vec<Value>, EnqueueError> {
+        let now = now_ms();
+        let mut out = Vec::new();
+        for q in self.registry.queues().map_err(store_err)? {
+            let c = self.store.counts(Kind::Queue, &q.name).map_err(store_err)?;
+            let oldest = self
+                .store
+                .oldest_queued_ms(Kind::Queue, &q.name)
+                .map_err(store_err)?;
+            let dlq_size = match &q.dead_letter_queue {
+                Some(d) => Some(self.store.counts(Kind::Queue, d).map_err(store_err)?.queued),
+                None => None,
+            };
+            out.push(json!({
+                "name": q.name,
+                "service": q.service,
+                "depth": c.queued,
+                "in_flight": c.inflight,
+                "oldest_age_ms": oldest.map(|o| now.saturating_sub(o)),
+                "visibility_timeout_s": q.visibility_timeout_ms / 1000,
+                "dead_letter_queue": q.dead_letter_queue,
+                "dlq_size": dlq_size,
+            }));
+        }
+        Ok(out)
+    }
+
+    /// Every schedule with its next and last run and last outcome.
+    pub fn schedules(&self) -> Result<Vec<Value>, EnqueueError> {
+        let mut out = Vec::new();
+        for (function, s) in self.all_schedules() {
+            let state = self.store.schedule(&schedule_key(&s)).map_err(store_err)?;
+            let st = state.unwrap_or_default();
+            let (next, last, outcome, running) =
+                (st.next_ms, st.last_ms, st.last_outcome, st.running);
+            out.push(json!({
+                "name": s.name,
+                "function": function,
+                "expression": s.expression,
+                "timezone": s.timezone.clone().unwrap_or_else(|| "UTC".into()),
+                "next": next.map(gust_core::schedule::iso8601_s),
+                "last": last.map(gust_core::schedule::iso8601_s),
+                "last_outcome": outcome,
+                "running": running,
+            }));
+        }
+        Ok(out)
+    }
+
+    // ---- schedules ----
+
+    fn all_schedules(&self) -> Vec<(String, ScheduleSpec)> {
+        self.registry
+            .functions()
+            .unwrap_or_default()
+            .into_iter()
+            .flat_map(|f| {
+                let name = f.spec.name.clone();
+                f.spec.schedules.into_iter().map(move |s| (name.clone(), s))
+            })
+            .collect()
+    }
+
+    async fn run_scheduler(self: Arc<Self>) {
+        loop {
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let now = now_ms();
+            let mut wake = now + 60_000;
+            for (function, s) in self.all_schedules() {
+                match self.tick(&function, &s, now).await {
+                    Ok(Some(at)) => wake = wake.min(at),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("schedule {}: {e}", s.name),
+                }
+            }
+            let wait = Duration::from_millis(wake.saturating_sub(now_ms()));
+            tokio::select! {
+                _ = self.scheduler.notified() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// Fires a schedule if its slot has come; returns when it next needs attention.
+    async fn tick(
+        self: &Arc<Self>,
+        function: &str,
+        s: &ScheduleSpec,
+        now: u64,
+    ) -> Result<Option<u64>, String> {
+        let key = schedule_key(s);
+        let sched = Schedule::parse(&s.expression, s.timezone.as_deref())?;
+        let state = self.store.schedule(&key).map_err(|e| e.to_string())?;
+        let next = match state.and_then(|st| st.next_ms) {
+            Some(n) => n,
+            None => {
+                let Some(n) = sched.next_after(now, now) else {
+                    return Ok(None);
+                };
+                let k = key.clone();
+                self.call(move |st, r| st.set_schedule(&k, Some(n), None, None, r))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                n
+            }
+        };
+        if next == u64::MAX {
+            return Ok(None);
+        }
+        let fire_at = next + flex_offset(&key, next, s.flexible_window_min);
+        if fire_at > now {
+            return Ok(Some(fire_at));
+        }
+        // Later than a timer's lateness (half a period, at most 5 s): the server was down at
+        // the slot.
+        let period = sched
+            .next_after(next, next)
+            .map_or(10_000, |n| n.saturating_sub(next));
+        let missed = now - fire_at > (period / 2).clamp(100, 5_000);
+        let following = sched.next_after(now.max(next), next).unwrap_or(u64::MAX);
+        let (fire, outcome) = if missed && !s.catch_up {
+            (
+                false,
+                "skipped: missed while gust was down (missed = \"skip\")".to_string(),
+            )
+        } else if !s.allow_overlap
+            && self
+                .running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&key)
+        {
+            (
+                false,
+                "skipped: the previous run is still running (overlap = \"skip\")".to_string(),
+            )
+        } else {
+            (true, "fired".to_string())
+        };
+        if fire {
+            let event = self.schedule_event(function, s, &key, next);
+            self.running
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone());
+            self.append(vec![event]).await.map_err(|e| e.to_string())?;
+        }
+        let k = key.clone();
+        let running = fire.then_some(true);
+        self.call(move |st, r| {
+            st.set_schedule(&k, Some(following), Some((next, outcome)), running, r)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        if fire {
+            self.wake_async(function);
+        }
+        Ok((following != u64::MAX).then_some(following))
+    }
+
+    fn schedule_event(&self, function: &str, s: &ScheduleSpec, key: &str, slot: u64) -> NewEvent {
+        // Deterministic: a slot stored twice (a restart between firing and recording it) is
+        // one event.
+        let id = format!("sched-{:016x}-{slot}", fnv(key.bytes()));
+        let payload = s.input.clone().unwrap_or_else(|| {
+            json!({
+                "version": "0",
+                "id": id,
+                "detail-type": "Scheduled Event",
+                "source": "aws.events",
+                "account": gust_core::lambda::ACCOUNT_ID,
+                "time": gust_core::schedule::iso8601_s(slot),
+                "region": gust_core::lambda::REGION,
+                "resources": [format!("arn:aws:events:{}:{}:rule/{}", gust_core::lambda::REGION, gust_core::lambda::ACCOUNT_ID, s.name)],
+                "detail": {},
+            })
+            .to_string()
+        });
+        NewEvent {
+            id,
+            kind: Kind::Async,
+            target: function.to_string(),
+            payload: payload.into_bytes(),
+            attributes: json!({
+                "schedule": key,
+                "slot_ms": slot,
+                "dlq": s.dead_letter_queue,
+                "policy": {
+                    "retries": s.retries,
+                    "backoff_ms": 1_000,
+                    "max_age_ms": s.max_event_age_s * 1000,
+                },
+            })
+            .to_string(),
+            visible_ms: 0,
+            source: None,
+        }
+    }
+}
+
+/// A schedule's identity in the store: its name with its expression and zone, so a changed
+/// expression starts afresh.
+fn schedule_key(s: &ScheduleSpec) -> String {
+    format!(
+        "{}|{}|{}",
+        s.name,
+        s.expression,
+        s.timezone.as_deref().unwrap_or("UTC")
+    )
+}
+
+/// The flexible window's offset for a slot: random-looking, but the same across restarts.
+fn flex_offset(key: &str, slot: u64, window_min: u32) -> u64 {
+    if window_min == 0 {
+        return 0;
+    }
+    fnv(key.bytes().chain(slot.to_le_bytes())) % (window_min as u64 * 60_000)
+}
+
+/// FNV-1a, 64 bits.
+fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn async_cap(spec: &FunctionSpec) -> usize {
+    spec.async_config
+        .max_concurrency
+        .map(|c| c as usize)
+        .unwrap_or_else(|| (spec.scaling.max_instances as usize / 2).max(1))
+}
+
+fn timeout_ms(spec: &FunctionSpec) -> u64 {
+    spec.timeout
+        .unwrap_or(gust_core::DEFAULT_TIMEOUT.as_secs() as u32) as u64
+        * 1000
+}
+
+fn error_message(body: &[u8]) -> String {
+    serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("errorMessage")
+                .and_then(Value::as_str)
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| String::from_utf8_lossy(body).chars().take(1024).collect())
+}
+
+/// A copy of an event for a dead-letter queue: the raw event with Lambda's DLQ attributes.
+fn dead_letter(queue: &str, e: &Event, error: &str) -> NewEvent {
+    let attr = |v: &str, t: &str| json!({"stringValue": v, "dataType": t});
+    let message: String = error.chars().take(1024).collect();
+    NewEvent {
+        id: uuid::Uuid::new_v4().to_string(),
+        kind: Kind::Queue,
+        target: queue.to_string(),
+        payload: e.payload.clone(),
+        attributes: json!({
+            "messageAttributes": {
+                "RequestID": attr(&e.id, "String"),
+                "ErrorCode": attr("200", "Number"),
+                "ErrorMessage": attr(&message, "String"),
+            },
+            "sentTimestamp": now_ms(),
+        })
+        .to_string(),
+        visible_ms: 0,
+        source: None,
+    }
+}
+
+/// One SQS record of a batch (lambda-contracts §3.4).
+fn sqs_record(queue: &str, m: &Event) -> Value {
+    use base64::Engine;
+    let body = String::from_utf8_lossy(&m.payload).into_owned();
+    let sent = m
+        .attributes
+        .get("sentTimestamp")
+        .and_then(Value::as_u64)
+        .unwrap_or(m.created_ms);
+    json!({
+        "messageId": m.id,
+        "receiptHandle": base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", m.id, m.attempts)),
+        "body": body,
+        "attributes": {
+            "ApproximateReceiveCount": m.attempts.to_string(),
+            "SentTimestamp": sent.to_string(),
+            "SenderId": "gust",
+            "ApproximateFirstReceiveTimestamp": m.first_receive_ms.unwrap_or(sent).to_string(),
+        },
+        "messageAttributes": m.attributes.get("messageAttributes").cloned().unwrap_or(json!({})),
+        "md5OfBody": http::md5_hex(body.as_bytes()),
+        "eventSource": "aws:sqs",
+        "eventSourceARN": format!("arn:aws:sqs:{}:{}:{queue}", gust_core::lambda::REGION, gust_core::lambda::ACCOUNT_ID),
+        "awsRegion": gust_core::lambda::REGION,
+    })
+}
+
+/// What an OpenFaaS-style callback receives: (status, body).
+fn callback_body(
+    ok: bool,
+    http_event: bool,
+    response: &Bytes,
+    error: Option<&str>,
+) -> (u16, Bytes) {
+    if !ok {
+        let body = if response.is_empty() {
+            Bytes::from(
+                gust_core::lambda::error_body("Gust.DeliveryFailed", error.unwrap_or("failed"))
+                    .to_vec(),
+            )
+        } else {
+            response.clone()
+        };
+        return (500, body);
+    }
+    if http_event
+        && let Ok(v) = serde_json::from_slice::<Value>(response)
+        && let Some(code) = v.get("statusCode").and_then(Value::as_u64)
+    {
+        let body = v.get("body").and_then(Value::as_str).unwrap_or("");
+        let bytes = if v
+            .get("isBase64Encoded")
+            .and_then(Value::as_bool)
+            .unwrap_or(false)
+        {
+            use base64::Engine;
+            base64::engine::general_purpose::STANDARD
+                .decode(body)
+                .unwrap_or_default()
+        } else {
+            body.as_bytes().to_vec()
+        };
+        return (code as u16, Bytes::from(bytes));
+    }
+    (200, response.clone())
+}

@@ -1,0 +1,584 @@
+//! The durable event store: async invocations, queue messages and scheduled runs, in their own
+//! tables of the same SQLite database.
+//!
+//! One writer thread owns every write (appends, claims, completions), so writers never contend
+//! for SQLite's lock and concurrent appends share one commit: an append is acknowledged only
+//! after the transaction holding it committed (WAL; it survives the server being killed), and
+//! under load hundreds of appends ride one commit. Reads use their own connection (WAL readers
+//! do not block the writer).
+//!
+//! Event states: `queued` (waiting, possibly until `visible_ms`), `inflight` (claimed by a
+//! dispatcher until `visible_ms`), `succeeded`, `failed` (out of retries), `dead` (moved to a
+//! dead-letter queue; the copy there is a new `queued` event). On open, `inflight` events of a
+//! previous run are made `queued` and visible at once: whatever was running when the server
+//! died is delivered again (at least once).
+
+use std::path::Path;
+use std::sync::{Mutex, mpsc};
+
+use rusqlite::{Connection, OptionalExtension, params};
+use serde::Serialize;
+
+use crate::{Result, StoreError, open_db};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT,
+  id TEXT NOT NULL UNIQUE,
+  kind TEXT NOT NULL,
+  target TEXT NOT NULL,
+  payload BLOB NOT NULL,
+  attributes TEXT NOT NULL DEFAULT '{}',
+  state TEXT NOT NULL,
+  attempts INTEGER NOT NULL DEFAULT 0,
+  created_ms INTEGER NOT NULL,
+  visible_ms INTEGER NOT NULL,
+  first_receive_ms INTEGER,
+  updated_ms INTEGER NOT NULL,
+  last_error TEXT,
+  source TEXT
+);
+CREATE INDEX IF NOT EXISTS events_due ON events(kind, target, state, visible_ms, seq);
+CREATE TABLE IF NOT EXISTS schedules (
+  name TEXT PRIMARY KEY,
+  next_ms INTEGER,
+  last_ms INTEGER,
+  last_outcome TEXT,
+  running INTEGER NOT NULL DEFAULT 0
+);
+";
+
+/// What an event is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// An asynchronous invocation of the function `target`.
+    Async,
+    /// A message in the queue `target`.
+    Queue,
+}
+
+impl Kind {
+    fn as_str(self) -> &'static str {
+        match self {
+            Kind::Async => "async",
+            Kind::Queue => "queue",
+        }
+    }
+    fn parse(s: &str) -> Kind {
+        if s == "queue" {
+            Kind::Queue
+        } else {
+            Kind::Async
+        }
+    }
+}
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub id: String,
+    pub kind: Kind,
+    pub target: String,
+    pub payload: Vec<u8>,
+    /// JSON object: message attributes, callback URL, retry policy, origin.
+    pub attributes: String,
+    /// Not delivered before this time (ms since the epoch).
+    pub visible_ms: u64,
+    /// For a dead-lettered copy: the queue or function it came from (redrive sends it back).
+    pub source: Option<String>,
+}
+
+/// A stored event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Event {
+    pub id: String,
+    pub kind: Kind,
+    pub target: String,
+    #[serde(skip)]
+    pub payload: Vec<u8>,
+    pub attributes: serde_json::Value,
+    pub state: String,
+    pub attempts: u32,
+    pub created_ms: u64,
+    pub visible_ms: u64,
+    pub first_receive_ms: Option<u64>,
+    pub updated_ms: u64,
+    pub last_error: Option<String>,
+    pub source: Option<String>,
+}
+
+/// How an attempt ended, as the dispatcher decided.
+#[derive(Debug, Clone)]
+pub enum Settle {
+    /// Done: `succeeded` or `failed` (kept for visibility until pruned).
+    Final {
+        state: &'static str,
+        error: Option<String>,
+    },
+    /// Try again after `visible_ms`; `count` false gives back the attempt (a throttle).
+    Retry {
+        visible_ms: u64,
+        error: Option<String>,
+        count: bool,
+    },
+    /// Delete (a queue message that was processed).
+    Delete,
+    /// Out of attempts: mark `dead` and append `copy` (to a dead-letter queue) in the same
+    /// transaction.
+    DeadLetter {
+        error: Option<String>,
+        copy: Option<NewEvent>,
+    },
+}
+
+/// Per-state counts.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Counts {
+    pub queued: u64,
+    pub inflight: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    pub dead: u64,
+}
+
+type Reply<T> = Box<dyn FnOnce(Result<T>) + Send>;
+/// A reply deferred until the batch's commit: given the commit's error, if any.
+type Deferred = Box<dyn FnOnce(Option<&StoreError>) + Send>;
+
+/// A schedule's stored state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ScheduleState {
+    pub next_ms: Option<u64>,
+    pub last_ms: Option<u64>,
+    pub last_outcome: Option<String>,
+    pub running: bool,
+}
+
+enum Op {
+    Append(Vec<NewEvent>, Reply<()>),
+    Claim {
+        kind: Kind,
+        target: String,
+        now_ms: u64,
+        limit: usize,
+        lease_ms: u64,
+        reply: Reply<Vec<Event>>,
+    },
+    Settle(Vec<(String, Settle)>, Reply<()>),
+    /// Purge a queue (queued messages only); replies with the count.
+    Purge(String, Reply<u64>),
+    /// Move a dead-letter queue's messages back to where they came from (or `to`).
+    Redrive {
+        dlq: String,
+        to: Option<String>,
+        reply: Reply<u64>,
+    },
+    Schedule {
+        name: String,
+        next_ms: Option<u64>,
+        last: Option<(u64, String)>,
+        running: Option<bool>,
+        reply: Reply<()>,
+    },
+}
+
+pub struct EventStore {
+    tx: Mutex<mpsc::Sender<Op>>,
+    read: Mutex<Connection>,
+}
+
+fn now_ms() -> u64 {
+    gust_core::now_ms()
+}
+
+fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
+    let attrs: String = r.get("attributes")?;
+    Ok(Event {
+        id: r.get("id")?,
+        kind: Kind::parse(&r.get::<_, String>("kind")?),
+        target: r.get("target")?,
+        payload: r.get("payload")?,
+        attributes: serde_json::from_str(&attrs).unwrap_or(serde_json::Value::Null),
+        state: r.get("state")?,
+        attempts: r.get("attempts")?,
+        created_ms: r.get::<_, i64>("created_ms")? as u64,
+        visible_ms: r.get::<_, i64>("visible_ms")? as u64,
+        first_receive_ms: r
+            .get::<_, Option<i64>>("first_receive_ms")?
+            .map(|v| v as u64),
+        updated_ms: r.get::<_, i64>("updated_ms")? as u64,
+        last_error: r.get("last_error")?,
+        source: r.get("source")?,
+    })
+}
+
+const COLUMNS: &str = "id, kind, target, payload, attributes, state, attempts, created_ms, visible_ms, first_receive_ms, updated_ms, last_error, source";
+
+impl EventStore {
+    /// Opens the event tables of the database at `path` and starts the writer thread.
+    pub fn open(path: &Path) -> Result<EventStore> {
+        let conn = open_db(path)?;
+        conn.execute_batch(SCHEMA)?;
+        // Whatever ran when the server stopped runs again (at least once).
+        let now = now_ms() as i64;
+        conn.execute(
+            "UPDATE events SET state = 'queued', visible_ms = ?1, updated_ms = ?1 WHERE state = 'inflight'",
+            [now],
+        )?;
+        conn.execute("UPDATE schedules SET running = 0", [])?;
+        let read = open_db(path)?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("gust-event-writer".into())
+            .spawn(move || writer(conn, rx))
+            .map_err(crate::io("spawn the event writer"))?;
+        Ok(EventStore {
+            tx: Mutex::new(tx),
+            read: Mutex::new(read),
+        })
+    }
+
+    fn send(&self, op: Op) {
+        let tx = self.tx.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        // The writer lives as long as the process; a failed send drops the reply, which the
+        // caller sees as an error.
+        let _ = tx.send(op);
+    }
+
+    /// Appends events; `done` runs once they are committed (or failed).
+    pub fn append(&self, events: Vec<NewEvent>, done: impl FnOnce(Result<()>) + Send + 'static) {
+        self.send(Op::Append(events, Box::new(done)));
+    }
+
+    /// Claims up to `limit` due events of a target: `inflight` until now + `lease_ms`, one more
+    /// attempt counted.
+    pub fn claim(
+        &self,
+        kind: Kind,
+        target: &str,
+        limit: usize,
+        lease_ms: u64,
+        done: impl FnOnce(Result<Vec<Event>>) + Send + 'static,
+    ) {
+        self.send(Op::Claim {
+            kind,
+            target: target.to_string(),
+            now_ms: now_ms(),
+            limit,
+            lease_ms,
+            reply: Box::new(done),
+        });
+    }
+
+    pub fn settle(
+        &self,
+        outcomes: Vec<(String, Settle)>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        self.send(Op::Settle(outcomes, Box::new(done)));
+    }
+
+    pub fn purge(&self, queue: &str, done: impl FnOnce(Result<u64>) + Send + 'static) {
+        self.send(Op::Purge(queue.to_string(), Box::new(done)));
+    }
+
+    pub fn redrive(
+        &self,
+        dlq: &str,
+        to: Option<String>,
+        done: impl FnOnce(Result<u64>) + Send + 'static,
+    ) {
+        self.send(Op::Redrive {
+            dlq: dlq.to_string(),
+            to,
+            reply: Box::new(done),
+        });
+    }
+
+    /// Records a schedule's next fire time, last run and outcome, or running flag.
+    pub fn set_schedule(
+        &self,
+        name: &str,
+        next_ms: Option<u64>,
+        last: Option<(u64, String)>,
+        running: Option<bool>,
+        done: impl FnOnce(Result<()>) + Send + 'static,
+    ) {
+        self.send(Op::Schedule {
+            name: name.to_string(),
+            next_ms,
+            last,
+            running,
+            reply: Box::new(done),
+        });
+    }
+
+    fn read(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.read.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn get(&self, id: &str) -> Result<Option<Event>> {
+        Ok(self
+            .read()
+            .query_row(
+                &format!("SELECT {COLUMNS} FROM events WHERE id = ?1"),
+                [id],
+                row_event,
+            )
+            .optional()?)
+    }
+
+    /// Per-state counts of a target's events.
+    pub fn counts(&self, kind: Kind, target: &str) -> Result<Counts> {
+        let db = self.read();
+        let mut st = db.prepare_cached(
+            "SELECT state, COUNT(*) FROM events WHERE kind = ?1 AND target = ?2 GROUP BY state",
+        )?;
+        let mut c = Counts::default();
+        for row in st.query_map(params![kind.as_str(), target], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+        })? {
+            let (state, n) = row?;
+            match state.as_str() {
+                "queued" => c.queued = n,
+                "inflight" => c.inflight = n,
+                "succeeded" => c.succeeded = n,
+                "failed" => c.failed = n,
+                "dead" => c.dead = n,
+                _ => {}
+            }
+        }
+        Ok(c)
+    }
+
+    /// The oldest queued event's creation time of a target.
+    pub fn oldest_queued_ms(&self, kind: Kind, target: &str) -> Result<Option<u64>> {
+        Ok(self
+            .read()
+            .query_row(
+                "SELECT MIN(created_ms) FROM events WHERE kind = ?1 AND target = ?2 AND state IN ('queued', 'inflight')",
+                params![kind.as_str(), target],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .map(|v| v as u64))
+    }
+
+    /// When the next queued event of a target becomes due (None: nothing queued).
+    pub fn next_due_ms(&self, kind: Kind, target: &str) -> Result<Option<u64>> {
+        Ok(self
+            .read()
+            .query_row(
+                "SELECT MIN(visible_ms) FROM events WHERE kind = ?1 AND target = ?2 AND state IN ('queued', 'inflight')",
+                params![kind.as_str(), target],
+                |r| r.get::<_, Option<i64>>(0),
+            )?
+            .map(|v| v as u64))
+    }
+
+    /// Due (visible, queued) events of a target: how many (up to `cap`), and since when the
+    /// oldest has been due.
+    pub fn due(
+        &self,
+        kind: Kind,
+        target: &str,
+        now_ms: u64,
+        cap: u64,
+    ) -> Result<(u64, Option<u64>)> {
+        let db = self.read();
+        let mut st = db.prepare_cached(
+            "SELECT COUNT(*), MIN(due) FROM (SELECT MAX(visible_ms, created_ms) AS due FROM events
+               WHERE kind = ?1 AND target = ?2 AND state = 'queued' AND visible_ms <= ?3 LIMIT ?4)",
+        )?;
+        Ok(st.query_row(
+            params![kind.as_str(), target, now_ms as i64, cap as i64],
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0)? as u64,
+                    r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                ))
+            },
+        )?)
+    }
+
+    pub fn schedule(&self, name: &str) -> Result<Option<ScheduleState>> {
+        Ok(self
+            .read()
+            .query_row(
+                "SELECT next_ms, last_ms, last_outcome, running FROM schedules WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(ScheduleState {
+                        next_ms: r.get::<_, Option<i64>>(0)?.map(|v| v as u64),
+                        last_ms: r.get::<_, Option<i64>>(1)?.map(|v| v as u64),
+                        last_outcome: r.get::<_, Option<String>>(2)?,
+                        running: r.get::<_, i64>(3)? != 0,
+                    })
+                },
+            )
+            .optional()?)
+    }
+}
+
+fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match rx.try_recv() {
+                Ok(op) => batch.push(op),
+                Err(_) => break,
+            }
+        }
+        let mut replies: Vec<Deferred> = Vec::new();
+        let result = (|| -> Result<()> {
+            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            for op in batch {
+                apply(&tx, op, &mut replies)?;
+            }
+            tx.commit()?;
+            Ok(())
+        })();
+        let err = result.err();
+        for r in replies {
+            r(err.as_ref());
+        }
+    }
+}
+
+/// Runs one op inside the batch's transaction; its reply is deferred until the commit.
+fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) -> Result<()> {
+    let now = now_ms() as i64;
+    let fail = |e: Option<&StoreError>| e.map(|e| StoreError::Invalid(format!("event store: {e}")));
+    match op {
+        Op::Append(events, reply) => {
+            for e in &events {
+                insert(tx, e, now)?;
+            }
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(()), Err))));
+        }
+        Op::Claim {
+            kind,
+            target,
+            now_ms,
+            limit,
+            lease_ms,
+            reply,
+        } => {
+            let mut st = tx.prepare_cached(&format!(
+                "UPDATE events SET state = 'inflight', attempts = attempts + 1, visible_ms = ?3,
+                   first_receive_ms = COALESCE(first_receive_ms, ?4), updated_ms = ?4
+                 WHERE seq IN (SELECT seq FROM events WHERE kind = ?1 AND target = ?2 AND state = 'queued'
+                               AND visible_ms <= ?4 ORDER BY seq LIMIT ?5)
+                 RETURNING {COLUMNS}, seq"
+            ))?;
+            let mut rows: Vec<(i64, Event)> = st
+                .query_map(
+                    params![
+                        kind.as_str(),
+                        target,
+                        (now_ms + lease_ms) as i64,
+                        now_ms as i64,
+                        limit as i64
+                    ],
+                    |r| Ok((r.get::<_, i64>("seq")?, row_event(r)?)),
+                )?
+                .collect::<rusqlite::Result<_>>()?;
+            rows.sort_by_key(|(s, _)| *s);
+            let events: Vec<Event> = rows.into_iter().map(|(_, e)| e).collect();
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(events), Err))));
+        }
+        Op::Settle(outcomes, reply) => {
+            for (id, s) in outcomes {
+                match s {
+                    Settle::Final { state, error } => {
+                        tx.execute(
+                            "UPDATE events SET state = ?2, last_error = COALESCE(?3, last_error), updated_ms = ?4 WHERE id = ?1",
+                            params![id, state, error, now],
+                        )?;
+                    }
+                    Settle::Retry {
+                        visible_ms,
+                        error,
+                        count,
+                    } => {
+                        tx.execute(
+                            "UPDATE events SET state = 'queued', visible_ms = ?2, last_error = COALESCE(?3, last_error),
+                               attempts = attempts - ?4, updated_ms = ?5 WHERE id = ?1",
+                            params![id, visible_ms as i64, error, if count { 0 } else { 1 }, now],
+                        )?;
+                    }
+                    Settle::Delete => {
+                        tx.execute("DELETE FROM events WHERE id = ?1", [&id])?;
+                    }
+                    Settle::DeadLetter { error, copy } => {
+                        tx.execute(
+                            "UPDATE events SET state = 'dead', last_error = COALESCE(?2, last_error), updated_ms = ?3 WHERE id = ?1",
+                            params![id, error, now],
+                        )?;
+                        if let Some(c) = copy {
+                            insert(tx, &c, now)?;
+                        }
+                    }
+                }
+            }
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(()), Err))));
+        }
+        Op::Purge(queue, reply) => {
+            let n = tx.execute(
+                "DELETE FROM events WHERE kind = 'queue' AND target = ?1 AND state = 'queued'",
+                [&queue],
+            )? as u64;
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(n), Err))));
+        }
+        Op::Redrive { dlq, to, reply } => {
+            let n = tx.execute(
+                "UPDATE events SET target = COALESCE(?2, source, target), source = NULL, state = 'queued',
+                   attempts = 0, first_receive_ms = NULL, visible_ms = ?3, updated_ms = ?3
+                 WHERE kind = 'queue' AND target = ?1 AND state = 'queued'",
+                params![dlq, to, now],
+            )? as u64;
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(n), Err))));
+        }
+        Op::Schedule {
+            name,
+            next_ms,
+            last,
+            running,
+            reply,
+        } => {
+            tx.execute(
+                "INSERT OR IGNORE INTO schedules (name) VALUES (?1)",
+                [&name],
+            )?;
+            if let Some(n) = next_ms {
+                tx.execute(
+                    "UPDATE schedules SET next_ms = ?2 WHERE name = ?1",
+                    params![name, n as i64],
+                )?;
+            }
+            if let Some((at, outcome)) = last {
+                tx.execute(
+                    "UPDATE schedules SET last_ms = ?2, last_outcome = ?3 WHERE name = ?1",
+                    params![name, at as i64, outcome],
+                )?;
+            }
+            if let Some(r) = running {
+                tx.execute(
+                    "UPDATE schedules SET running = ?2 WHERE name = ?1",
+                    params![name, r as i64],
+                )?;
+            }
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(()), Err))));
+        }
+    }
+    Ok(())
+}
+
+fn insert(tx: &rusqlite::Transaction<'_>, e: &NewEvent, now: i64) -> Result<()> {
+    tx.prepare_cached(
+        "INSERT OR IGNORE INTO events (id, kind, target, payload, attributes, state, created_ms, visible_ms, updated_ms, source)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?6, ?8)",
+    )?
+    .execute(params![e.id, e.kind.as_str(), e.target, e.payload, e.attributes, now, e.visible_ms as i64, e.source])?;
+    Ok(())
+}
