@@ -632,3 +632,71 @@ events_test!(overlap_skip_and_missed_run_policies, async {
         "missed = skip runs none of them"
     );
 });
+
+events_test!(async_work_leaves_instances_for_synchronous_callers, async {
+    let mut ts = TestServer::start().await;
+    let m = service("")
+        + &function(
+            "lane",
+            "timeout = 10\n[functions.lane.scaling]\nmax_instances = 2\nqueue_length = 0",
+        );
+    ts.deploy(&m, &[("index.js", FN)]).await;
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(invoke_event(&ts, "lane", r#"{"sleep_ms":1500}"#).await);
+    }
+    ts.wait_for("lane", Duration::from_secs(10), |d| {
+        d["instances"]["busy"] == 1
+    })
+    .await;
+    // Async delivery uses one of the two instances (half of max_instances); the other serves
+    // synchronous callers at once, while async work is still queued.
+    let t = Instant::now();
+    let v = ts.invoke_ok("lane", r#"{"n":1}"#).await;
+    assert_eq!(v["got"]["n"], 1);
+    assert!(
+        t.elapsed() < Duration::from_millis(1400),
+        "{:?}",
+        t.elapsed()
+    );
+    let d = ts.describe("lane").await;
+    assert!(d["events"]["queued"].as_u64().unwrap() >= 2, "{d}");
+    for id in &ids {
+        let e = wait_event(&ts, id, Duration::from_secs(15), "succeeded").await;
+        assert_eq!(e["state"], "succeeded", "{e}");
+    }
+});
+
+events_test!(
+    throttled_async_attempts_are_retried_without_using_up_retries,
+    async {
+        let mut ts = TestServer::start().await;
+        let m = service("")
+            + &function(
+                "one",
+                "timeout = 10\n[functions.one.scaling]\nmax_instances = 1\nqueue_length = 0\n[functions.one.async]\nretries = 0",
+            );
+        ts.deploy(&m, &[("index.js", FN)]).await;
+        let ts = Arc::new(ts);
+        let busy = {
+            let ts = ts.clone();
+            tokio::spawn(async move { ts.invoke_ok("one", r#"{"sleep_ms":1500}"#).await })
+        };
+        ts.wait_for("one", Duration::from_secs(10), |d| {
+            d["instances"]["busy"] == 1
+        })
+        .await;
+        let id = invoke_event(&ts, "one", r#"{"n":2}"#).await;
+        let e = wait_event(&ts, &id, Duration::from_secs(15), "succeeded").await;
+        assert_eq!(e["state"], "succeeded", "{e}");
+        assert_eq!(e["attempts"], 1, "a throttle is not an attempt: {e}");
+        assert!(
+            e["last_error"]
+                .as_str()
+                .unwrap_or("")
+                .contains("concurrency"),
+            "the throttle is recorded: {e}"
+        );
+        busy.await.unwrap();
+    }
+);
