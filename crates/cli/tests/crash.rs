@@ -57,22 +57,17 @@ fn sink() -> (String, Arc<Mutex<HashMap<String, u32>>>) {
                 let mut r = BufReader::new(conn.try_clone().unwrap());
                 loop {
                     let mut len = 0;
-                    let mut any = false;
                     loop {
                         let mut line = String::new();
                         if r.read_line(&mut line).unwrap_or(0) == 0 {
                             return;
                         }
-                        any = true;
                         if line == "\r\n" {
                             break;
                         }
                         if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
                             len = v.trim().parse().unwrap_or(0);
                         }
-                    }
-                    if !any {
-                        return;
                     }
                     let mut body = vec![0; len];
                     if r.read_exact(&mut body).is_err() {
