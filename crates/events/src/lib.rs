@@ -79,6 +79,8 @@ pub struct Events {
     scheduler: Arc<Notify>,
     /// Schedules with a run in flight (for `overlap = "skip"`).
     running: Mutex<HashSet<String>>,
+    /// Declared queues, reloaded by `refresh` (a send must not read the registry).
+    queues: std::sync::RwLock<HashMap<String, QueueSpec>>,
     stopping: AtomicBool,
 }
 
@@ -101,6 +103,7 @@ impl Events {
             workers: Mutex::new(HashMap::new()),
             scheduler: Arc::new(Notify::new()),
             running: Mutex::new(HashSet::new()),
+            queues: std::sync::RwLock::new(HashMap::new()),
             stopping: AtomicBool::new(false),
         }))
     }
@@ -115,6 +118,10 @@ impl Events {
     /// After a deploy or removal: start loops for new async backlogs and subscriptions, and
     /// let the scheduler reload.
     pub fn refresh(self: &Arc<Self>) {
+        if let Ok(qs) = self.registry.queues() {
+            *self.queues.write().unwrap_or_else(|p| p.into_inner()) =
+                qs.into_iter().map(|q| (q.name.clone(), q)).collect();
+        }
         if let Ok(functions) = self.registry.functions() {
             for f in functions {
                 self.wake_async(&f.spec.name);
@@ -525,7 +532,12 @@ impl Events {
         queue: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<String>, EnqueueError> {
-        if self.registry.queue(queue).map_err(store_err)?.is_none() {
+        if !self
+            .queues
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(queue)
+        {
             return Err(EnqueueError::NotFound(format!(
                 "queue {queue} is not declared: add [queues.{queue}] to a service's gust.toml and deploy it"
             )));

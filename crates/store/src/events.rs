@@ -39,6 +39,7 @@ CREATE TABLE IF NOT EXISTS events (
   source TEXT
 );
 CREATE INDEX IF NOT EXISTS events_due ON events(kind, target, state, visible_ms, seq);
+CREATE INDEX IF NOT EXISTS events_fifo ON events(kind, target, state, seq);
 CREATE TABLE IF NOT EXISTS schedules (
   name TEXT PRIMARY KEY,
   next_ms INTEGER,
@@ -369,7 +370,8 @@ impl EventStore {
         Ok(self
             .read()
             .query_row(
-                "SELECT MIN(visible_ms) FROM events WHERE kind = ?1 AND target = ?2 AND state IN ('queued', 'inflight')",
+                "SELECT MIN((SELECT MIN(visible_ms) FROM events WHERE kind = ?1 AND target = ?2 AND state = 'queued'),
+                            (SELECT MIN(visible_ms) FROM events WHERE kind = ?1 AND target = ?2 AND state = 'inflight'))",
                 params![kind.as_str(), target],
                 |r| r.get::<_, Option<i64>>(0),
             )?
@@ -467,7 +469,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) ->
             let mut st = tx.prepare_cached(&format!(
                 "UPDATE events SET state = 'inflight', attempts = attempts + 1, visible_ms = ?3,
                    first_receive_ms = COALESCE(first_receive_ms, ?4), updated_ms = ?4
-                 WHERE seq IN (SELECT seq FROM events WHERE kind = ?1 AND target = ?2 AND state = 'queued'
+                 WHERE seq IN (SELECT seq FROM events INDEXED BY events_fifo
+                               WHERE kind = ?1 AND target = ?2 AND state = 'queued'
                                AND visible_ms <= ?4 ORDER BY seq LIMIT ?5)
                  RETURNING {COLUMNS}, seq"
             ))?;
