@@ -50,7 +50,7 @@ pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> S
 pub type Result<T> = std::result::Result<T, StoreError>;
 
 /// A suffix for temp names that no other writer (thread or process) uses at the same time.
-fn unique() -> String {
+pub(crate) fn unique() -> String {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     format!(
         "{}-{}",
