@@ -943,11 +943,18 @@ impl Events {
         };
         if fire {
             let event = self.schedule_event(function, s, &key, next);
+            // Marked before the append: the run may finish (and unmark) before it returns.
             self.running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .insert(key.clone());
-            self.append(vec![event]).await.map_err(|e| e.to_string())?;
+            if let Err(e) = self.append(vec![event]).await {
+                self.running
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&key);
+                return Err(e.to_string());
+            }
         }
         let k = key.clone();
         let running = fire.then_some(true);

@@ -425,8 +425,22 @@ impl EventStore {
     }
 }
 
+/// Finished events (succeeded, failed, dead) are kept this long for `gust events show`.
+pub const RETENTION_MS: u64 = 24 * 3600 * 1000;
+
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
+    let mut pruned_at = 0u64;
     while let Ok(first) = rx.recv() {
+        let now = now_ms();
+        if now.saturating_sub(pruned_at) > 60_000 {
+            pruned_at = now;
+            if let Err(e) = conn.execute(
+                "DELETE FROM events WHERE state IN ('succeeded', 'failed', 'dead') AND updated_ms < ?1",
+                [now.saturating_sub(RETENTION_MS) as i64],
+            ) {
+                tracing::warn!("event store: pruning finished events failed: {e}");
+            }
+        }
         let mut batch = vec![first];
         while batch.len() < 4096 {
             match rx.try_recv() {
@@ -540,7 +554,8 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) ->
             let n = tx.execute(
                 "UPDATE events SET target = COALESCE(?2, source, target), source = NULL, state = 'queued',
                    attempts = 0, first_receive_ms = NULL, visible_ms = ?3, updated_ms = ?3
-                 WHERE kind = 'queue' AND target = ?1 AND state = 'queued'",
+                 WHERE kind = 'queue' AND target = ?1 AND state = 'queued'
+                   AND (?2 IS NOT NULL OR source IS NOT NULL)",
                 params![dlq, to, now],
             )? as u64;
             replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(n), Err))));
