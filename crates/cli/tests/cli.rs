@@ -267,3 +267,77 @@ fn dev_serves_and_deploys_in_one_step() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+#[test]
+fn queue_events_and_schedules_commands() {
+    let data = TempDir::new("cli-events");
+    let mut server = KillOnDrop(
+        Command::new(GUST)
+            .args(["serve", "--listen", "127.0.0.1:0", "--prewarm", "0"])
+            .env("GUST_DATA_DIR", "state")
+            .current_dir(data.path())
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("gust is listening on ").map(str::to_string))
+        .expect("server printed its URL");
+    std::thread::spawn(move || for _ in lines {});
+    let svc = data.path().join("svc");
+    std::fs::create_dir_all(&svc).unwrap();
+    std::fs::write(
+        svc.join("gust.toml"),
+        "[service]\nname = \"svc\"\n[queues.inbox]\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\n\
+         [[functions.f.schedules]]\nname = \"nightly\"\nexpression = \"cron(0 3 * * ? *)\"\ntimezone = \"Europe/Paris\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        svc.join("index.js"),
+        "exports.handler = async () => ({});\n",
+    )
+    .unwrap();
+    let (ok, _, err) = gust(&data, &url, &["deploy", "svc"]);
+    assert!(ok, "{err}");
+    let (ok, out, err) = gust(
+        &data,
+        &url,
+        &["queue", "send", "inbox", "--data", "hi", "--attr", "k=v"],
+    );
+    assert!(ok, "{err}");
+    let id = out
+        .trim()
+        .strip_prefix("sent ")
+        .unwrap()
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    let (ok, out, _) = gust(&data, &url, &["events", "show", &id]);
+    assert!(
+        ok && out.contains("state:       queued") && out.contains("queue inbox"),
+        "{out}"
+    );
+    let (ok, out, _) = gust(&data, &url, &["queue", "ls"]);
+    assert!(
+        ok && out
+            .lines()
+            .any(|l| l.starts_with("inbox") && l.contains(" 1 ")),
+        "{out}"
+    );
+    let (ok, out, _) = gust(&data, &url, &["queue", "purge", "inbox"]);
+    assert!(ok && out.contains("purged 1 messages from inbox"), "{out}");
+    let (ok, _, err) = gust(&data, &url, &["queue", "send", "nope", "--data", "x"]);
+    assert!(!ok && err.contains("[queues.nope]"), "{err}");
+    let (ok, out, _) = gust(&data, &url, &["schedules"]);
+    assert!(
+        ok && out.contains("f.nightly") && out.contains("cron(0 3 * * ? *) Europe/Paris"),
+        "{out}"
+    );
+    let (ok, _, err) = gust(&data, &url, &["events", "show", "nope"]);
+    assert!(!ok && err.contains("no event nope"), "{err}");
+}
