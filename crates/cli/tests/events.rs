@@ -449,6 +449,20 @@ events_test!(
                 .count()
                 >= 3
         );
+        // One message id through retries, the dead-letter queue and back.
+        let bad_ids: std::collections::HashSet<String> = tagged(&lines, "BATCH")
+            .iter()
+            .flat_map(|b| {
+                serde_json::from_str::<Value>(b)
+                    .unwrap()
+                    .as_array()
+                    .unwrap()
+                    .clone()
+            })
+            .filter(|r| r["body"] == "bad-1")
+            .map(|r| r["id"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(bad_ids.len(), 1, "{bad_ids:?}");
         // Purge: a queue nobody consumes.
         ts.admin_json(
             Method::POST,

@@ -128,7 +128,7 @@ pub enum Destination {
 }
 
 impl Destination {
-    /// `function:NAME`, `queue:NAME`, or an `http://` / `https://` URL.
+    /// `function:NAME`, `queue:NAME`, or an `http://` URL.
     pub fn parse(s: &str) -> Option<Destination> {
         if let Some(n) = s.strip_prefix("function:") {
             return (!n.is_empty()).then(|| Destination::Function(n.into()));
@@ -136,7 +136,8 @@ impl Destination {
         if let Some(n) = s.strip_prefix("queue:") {
             return (!n.is_empty()).then(|| Destination::Queue(n.into()));
         }
-        (s.starts_with("http://") || s.starts_with("https://")).then(|| Destination::Url(s.into()))
+        // https needs TLS in gust's HTTP client: not yet.
+        s.starts_with("http://").then(|| Destination::Url(s.into()))
     }
 }
 

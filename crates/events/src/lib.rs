@@ -331,18 +331,26 @@ impl Events {
                 max_age_ms: spec.async_config.max_event_age_s * 1000,
             });
         let started = Instant::now();
-        let result = self
-            .invoker
-            .invoke(
-                &e.target,
-                Invocation {
-                    payload: Bytes::from(e.payload.clone()),
-                    content_type: Some("application/json".into()),
-                    request_id: Some(e.id.clone()),
-                    ..Invocation::default()
-                },
-            )
-            .await;
+        let too_old = now_ms().saturating_sub(e.created_ms) > policy.max_age_ms;
+        let result = if too_old {
+            // Expired while it waited (a long backlog, or downtime): not run at all.
+            Err(InvokeError::Throttled {
+                message: "the event is older than its maximum age".into(),
+                retry_after_secs: 0,
+            })
+        } else {
+            self.invoker
+                .invoke(
+                    &e.target,
+                    Invocation {
+                        payload: Bytes::from(e.payload.clone()),
+                        content_type: Some("application/json".into()),
+                        request_id: Some(e.id.clone()),
+                        ..Invocation::default()
+                    },
+                )
+                .await
+        };
         let duration = started.elapsed();
         let (attempt, error, response, function_error) = match &result {
             Ok(r) => match &r.outcome {
@@ -732,16 +740,14 @@ impl Events {
         for m in &batch {
             if !failed.contains(&m.id) {
                 settles.push((m.id.clone(), Settle::Delete));
-            } else if m.attempts >= sub.max_receives && q.dead_letter_queue.is_some() {
-                let dlq = q.dead_letter_queue.clone().unwrap_or_default();
-                let mut copy = dead_letter(&dlq, m, error.as_deref().unwrap_or(""));
-                copy.source = Some(q.name.clone());
-                copy.attributes = m.attributes.to_string();
+            } else if m.attempts >= sub.max_receives
+                && let Some(dlq) = q.dead_letter_queue.clone()
+            {
                 settles.push((
                     m.id.clone(),
-                    Settle::DeadLetter {
+                    Settle::MoveTo {
+                        to: dlq.clone(),
                         error: error.clone(),
-                        copy: Some(copy),
                     },
                 ));
                 dead_lettered = Some(dlq);
@@ -840,7 +846,7 @@ impl Events {
                 "function": function,
                 "expression": s.expression,
                 "timezone": s.timezone.clone().unwrap_or_else(|| "UTC".into()),
-                "next": next.map(gust_core::schedule::iso8601_s),
+                "next": next.filter(|n| *n < i64::MAX as u64).map(gust_core::schedule::iso8601_s),
                 "last": last.map(gust_core::schedule::iso8601_s),
                 "last_outcome": outcome,
                 "running": running,

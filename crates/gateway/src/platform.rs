@@ -173,12 +173,12 @@ impl Platform {
                 check(format!("[queues.{}] dead_letter_queue", q.name), d)?;
             }
         }
-        self.store.set_queues(&manifest.service, &manifest.queues)?;
         // Unpack every bundle before anything is recorded, so a failure leaves the store and
         // the running pools as they were.
         for (_, sha) in &specs {
             self.store.code_dir(sha)?;
         }
+        self.store.set_queues(&manifest.service, &manifest.queues)?;
         let (stored, removed) =
             self.store
                 .deploy_service(&manifest.service, manifest_text, &specs)?;

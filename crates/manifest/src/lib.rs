@@ -242,7 +242,7 @@ fn destination(
         None => Err(cx.err(
             v.span(),
             format!(
-                "{key} = {:?}: must be \"function:NAME\", \"queue:NAME\" or an http(s):// URL",
+                "{key} = {:?}: must be \"function:NAME\", \"queue:NAME\" or an http:// URL (https is not supported yet)",
                 v.get_ref()
             ),
         )),

@@ -125,6 +125,9 @@ pub enum Settle {
     },
     /// Delete (a queue message that was processed).
     Delete,
+    /// A queue message out of receives: moved, with its id, to the dead-letter queue `to`
+    /// (`source` remembers where it came from, for redrive).
+    MoveTo { to: String, error: Option<String> },
     /// Out of attempts: mark `dead` and append `copy` (to a dead-letter queue) in the same
     /// transaction.
     DeadLetter {
@@ -365,16 +368,13 @@ impl EventStore {
             .map(|v| v as u64))
     }
 
-    /// When the next queued event of a target becomes due (None: nothing queued).
+    /// When the next queued event of a target becomes due (None: nothing queued). In-flight
+    /// events are not counted: their delivery settles them and wakes the dispatcher.
     pub fn next_due_ms(&self, kind: Kind, target: &str) -> Result<Option<u64>> {
         Ok(self
             .read()
             .query_row(
-                // Two index lookups; the aggregate MIN skips the NULL of an empty state.
-                "SELECT MIN(v) FROM (
-                   SELECT MIN(visible_ms) AS v FROM events WHERE kind = ?1 AND target = ?2 AND state = 'queued'
-                   UNION ALL
-                   SELECT MIN(visible_ms) FROM events WHERE kind = ?1 AND target = ?2 AND state = 'inflight')",
+                "SELECT MIN(visible_ms) FROM events WHERE kind = ?1 AND target = ?2 AND state = 'queued'",
                 params![kind.as_str(), target],
                 |r| r.get::<_, Option<i64>>(0),
             )?
@@ -525,6 +525,14 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) ->
                             "UPDATE events SET state = 'queued', visible_ms = ?2, last_error = COALESCE(?3, last_error),
                                attempts = attempts - ?4, updated_ms = ?5 WHERE id = ?1",
                             params![id, visible_ms as i64, error, if count { 0 } else { 1 }, now],
+                        )?;
+                    }
+                    Settle::MoveTo { to, error } => {
+                        tx.execute(
+                            "UPDATE events SET source = target, target = ?2, state = 'queued', attempts = 0,
+                               first_receive_ms = NULL, visible_ms = ?4, last_error = COALESCE(?3, last_error),
+                               updated_ms = ?4 WHERE id = ?1",
+                            params![id, to, error, now],
                         )?;
                     }
                     Settle::Delete => {
