@@ -917,36 +917,32 @@ impl Events {
         if next == u64::MAX {
             return Ok(None);
         }
-        let fire_at = next + flex_offset(&key, next, s.flexible_window_min);
+        let fire_at = next + policy::flex_offset(&key, next, s.flexible_window_min);
         if fire_at > now {
             return Ok(Some(fire_at));
         }
-        // Later than a timer's lateness (half a period, at most 5 s): the server was down at
-        // the slot.
         let period = sched
             .next_after(next, next)
             .map_or(10_000, |n| n.saturating_sub(next));
-        let missed = now - fire_at > (period / 2).clamp(100, 5_000);
         let following = sched.next_after(now.max(next), next).unwrap_or(u64::MAX);
-        let (fire, outcome) = if missed && !s.catch_up {
-            (
-                false,
-                "skipped: missed while gust was down (missed = \"skip\")".to_string(),
-            )
-        } else if !s.allow_overlap
-            && self
-                .running
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&key)
-        {
-            (
-                false,
-                "skipped: the previous run is still running (overlap = \"skip\")".to_string(),
-            )
-        } else {
-            (true, "fired".to_string())
-        };
+        let running = self
+            .running
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&key);
+        let action =
+            policy::slot_action(now, fire_at, period, s.catch_up, s.allow_overlap, running);
+        let fire = action == policy::SlotAction::Fire;
+        let outcome = match action {
+            policy::SlotAction::Fire => "fired",
+            policy::SlotAction::SkipMissed => {
+                "skipped: missed while gust was down (missed = \"skip\")"
+            }
+            policy::SlotAction::SkipOverlap => {
+                "skipped: the previous run is still running (overlap = \"skip\")"
+            }
+        }
+        .to_string();
         if fire {
             let event = self.schedule_event(function, s, &key, next);
             // Marked before the append: the run may finish (and unmark) before it returns.
@@ -1026,16 +1022,8 @@ fn schedule_key(s: &ScheduleSpec) -> String {
     )
 }
 
-/// The flexible window's offset for a slot: random-looking, but the same across restarts.
-fn flex_offset(key: &str, slot: u64, window_min: u32) -> u64 {
-    if window_min == 0 {
-        return 0;
-    }
-    fnv(key.bytes().chain(slot.to_le_bytes())) % (window_min as u64 * 60_000)
-}
-
 /// FNV-1a, 64 bits.
-fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
+pub(crate) fn fnv(bytes: impl Iterator<Item = u8>) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
     for b in bytes {
         h ^= b as u64;

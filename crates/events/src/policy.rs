@@ -82,6 +82,47 @@ pub fn decide(
     }
 }
 
+/// What the scheduler does with a slot whose fire time (`fire_at`, the slot plus its flexible
+/// window offset) has come.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotAction {
+    Fire,
+    /// The server was down at the slot and the schedule says `missed = "skip"`.
+    SkipMissed,
+    /// The previous run is still running and the schedule says `overlap = "skip"`.
+    SkipOverlap,
+}
+
+/// Later than a timer's lateness — half a period, between 100 ms and 5 s — a slot was missed
+/// (the server was down). `catch_up` runs a missed slot once; `running` is whether the
+/// previous run of this schedule is still going.
+pub fn slot_action(
+    now_ms: u64,
+    fire_at: u64,
+    period_ms: u64,
+    catch_up: bool,
+    allow_overlap: bool,
+    running: bool,
+) -> SlotAction {
+    let missed = now_ms.saturating_sub(fire_at) > (period_ms / 2).clamp(100, 5_000);
+    if missed && !catch_up {
+        SlotAction::SkipMissed
+    } else if running && !allow_overlap {
+        SlotAction::SkipOverlap
+    } else {
+        SlotAction::Fire
+    }
+}
+
+/// The flexible window's offset for a slot: spread over the window, but the same across
+/// restarts (a hash of the schedule and the slot).
+pub fn flex_offset(key: &str, slot: u64, window_min: u32) -> u64 {
+    if window_min == 0 {
+        return 0;
+    }
+    crate::fnv(key.bytes().chain(slot.to_le_bytes())) % (window_min as u64 * 60_000)
+}
+
 /// Lambda's invocation record, sent to on-success and on-failure destinations.
 #[allow(clippy::too_many_arguments)]
 pub fn invocation_record(
@@ -267,6 +308,69 @@ mod tests {
         assert!(batch_failures(br#"{"batchItemFailures":[{"itemIdentifier":""}]}"#, &ids).is_err());
         assert!(batch_failures(br#"{"batchItemFailures":[{}]}"#, &ids).is_err());
         assert!(batch_failures(b"not json", &ids).is_err());
+    }
+
+    /// The scheduler's decisions with a controlled clock.
+    #[test]
+    fn slots_fire_unless_missed_or_overlapping() {
+        let slot = 1_000_000;
+        // A timer a few ms late fires; so does one late by less than half the period.
+        assert_eq!(
+            slot_action(slot + 30, slot, 60_000, false, true, false),
+            SlotAction::Fire
+        );
+        assert_eq!(
+            slot_action(slot + 4_000, slot, 60_000, false, true, false),
+            SlotAction::Fire
+        );
+        // Down for longer: skipped, or run once with catch-up.
+        assert_eq!(
+            slot_action(slot + 5_001, slot, 60_000, false, true, false),
+            SlotAction::SkipMissed
+        );
+        assert_eq!(
+            slot_action(slot + 3_600_000, slot, 60_000, true, true, false),
+            SlotAction::Fire
+        );
+        // A 1 s rate: half a period is 500 ms.
+        assert_eq!(
+            slot_action(slot + 400, slot, 1_000, false, true, false),
+            SlotAction::Fire
+        );
+        assert_eq!(
+            slot_action(slot + 600, slot, 1_000, false, true, false),
+            SlotAction::SkipMissed
+        );
+        // Overlap.
+        assert_eq!(
+            slot_action(slot, slot, 60_000, false, false, true),
+            SlotAction::SkipOverlap
+        );
+        assert_eq!(
+            slot_action(slot, slot, 60_000, false, true, true),
+            SlotAction::Fire
+        );
+        assert_eq!(
+            slot_action(slot, slot, 60_000, false, false, false),
+            SlotAction::Fire
+        );
+    }
+
+    #[test]
+    fn flexible_offsets_stay_in_the_window_and_survive_restarts() {
+        assert_eq!(flex_offset("s", 123, 0), 0);
+        let offsets: Vec<u64> = (0..200)
+            .map(|i| flex_offset("f.s", 1_000_000 + i * 60_000, 5))
+            .collect();
+        assert!(offsets.iter().all(|o| *o < 300_000));
+        assert_eq!(
+            offsets[7],
+            flex_offset("f.s", 1_000_000 + 7 * 60_000, 5),
+            "deterministic"
+        );
+        // Spread, not constant.
+        let distinct: std::collections::HashSet<_> = offsets.iter().map(|o| o / 60_000).collect();
+        assert!(distinct.len() >= 4, "{distinct:?}");
     }
 
     #[test]
