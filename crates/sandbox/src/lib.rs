@@ -348,17 +348,34 @@ impl Sandbox {
             cgroup: cg_dir.as_ref().map_or(0, |f| f.as_raw_fd() as u64),
             ..Default::default()
         };
+        // Sources above the targets (0-3), so that no dup2 in the child clobbers another source
+        // (gust's own stdio may be closed, making a new fd 0, 1 or 2).
+        let high = |fd: &OwnedFd| sys::dup_above(fd, 10).map_err(io("dup"));
+        let (devnull, out_w, err_w, ctl_child) = (
+            high(&devnull.into())?,
+            high(&out_w)?,
+            high(&err_w)?,
+            high(&ctl_child)?,
+        );
+        // In a new user namespace the child must not exec before its uid is mapped (exec as an
+        // unmapped uid drops every capability): it waits for a byte on this pipe.
+        let (sync_r, sync_w) = sys::pipe().map_err(io("pipe"))?;
         let fds = [
             (devnull.as_raw_fd(), 0),
             (out_w.as_raw_fd(), 1),
             (err_w.as_raw_fd(), 2),
             (ctl_child.as_raw_fd(), 3),
         ];
+        let wait_fd = if host.rootless {
+            sync_r.as_raw_fd()
+        } else {
+            -1
+        };
         // SAFETY: between clone and exec the child only makes async-signal-safe syscalls on
         // memory prepared above (fds, C strings, pointer arrays).
         let pid = unsafe { sys::clone3(&mut args) };
         let pid = match pid {
-            Ok(0) => unsafe { child_exec(&fds, &exe, &argv, &envp) },
+            Ok(0) => unsafe { child_exec(wait_fd, &fds, &exe, &argv, &envp) },
             Ok(pid) => pid,
             Err(e) => {
                 if let Some(c) = &cgroup {
@@ -369,7 +386,28 @@ impl Sandbox {
         };
         // SAFETY: CLONE_PIDFD stored a new fd we own.
         let pidfd = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(pidfd) };
-        drop((out_w, err_w, ctl_child, devnull, cg_dir));
+        drop((out_w, err_w, ctl_child, devnull, cg_dir, sync_r));
+        if host.rootless {
+            let mapped = map_user(pid);
+            // The byte (or, on failure, EOF when sync_w closes) lets the child go on.
+            // SAFETY: writing one byte from a local buffer to our pipe.
+            unsafe {
+                libc::write(sync_w.as_raw_fd(), b"x".as_ptr() as *const libc::c_void, 1);
+            }
+            if let Err(e) = mapped {
+                // SAFETY: killing and reaping the child we just made.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, std::ptr::null_mut(), 0);
+                }
+                drop(pidfd);
+                if let Some(c) = &cgroup {
+                    c.remove();
+                }
+                return Err(e);
+            }
+        }
+        drop(sync_w);
         set_nonblocking(&ctl);
         let sandbox = Sandbox {
             pid,
@@ -395,17 +433,7 @@ impl Sandbox {
         spec: &Spec,
     ) -> Result<Option<std::net::TcpListener>, String> {
         let t0 = std::time::Instant::now();
-        if host.rootless {
-            // SAFETY: getuid/getgid have no preconditions.
-            let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-            let w = |f: &str, v: String| {
-                std::fs::write(format!("/proc/{}/{f}", self.pid), v)
-                    .map_err(|e| format!("write {f}: {e}"))
-            };
-            w("setgroups", "deny".into())?;
-            w("uid_map", format!("0 {uid} 1"))?;
-            w("gid_map", format!("0 {gid} 1"))?;
-        } else {
+        if !host.rootless {
             // The OOM killer picks the runtime, never PID 1.
             let _ = std::fs::write(format!("/proc/{}/oom_score_adj", self.pid), "-1000");
         }
@@ -674,6 +702,18 @@ impl Sandbox {
     }
 }
 
+/// Maps our uid and gid to root in the user namespace of `pid` (rootless mode).
+fn map_user(pid: i32) -> Result<(), String> {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let w = |f: &str, v: String| {
+        std::fs::write(format!("/proc/{pid}/{f}"), v).map_err(|e| format!("write {f}: {e}"))
+    };
+    w("setgroups", "deny".into())?;
+    w("uid_map", format!("0 {uid} 1"))?;
+    w("gid_map", format!("0 {gid} 1"))
+}
+
 /// `pid` and all its descendants (via /proc/PID/task/TID/children).
 fn descendants(pid: i32) -> Vec<i32> {
     let mut out = vec![pid];
@@ -712,13 +752,20 @@ fn set_nonblocking(fd: &OwnedFd) {
 /// # Safety
 /// Only async-signal-safe syscalls; called in the child right after clone3.
 unsafe fn child_exec(
+    wait_fd: i32,
     fds: &[(i32, i32)],
     exe: &std::ffi::CStr,
     argv: &[*const libc::c_char],
     envp: &[*const libc::c_char],
 ) -> ! {
-    // SAFETY: dup2/fcntl/execve/_exit are async-signal-safe; pointers are valid.
+    // SAFETY: read/dup2/fcntl/execve/_exit are async-signal-safe; pointers are valid.
     unsafe {
+        if wait_fd >= 0 {
+            let mut b = 0u8;
+            if libc::read(wait_fd, &mut b as *mut u8 as *mut libc::c_void, 1) != 1 {
+                libc::_exit(125);
+            }
+        }
         for &(from, to) in fds {
             if from == to {
                 libc::fcntl(to, libc::F_SETFD, 0);

@@ -280,6 +280,13 @@ pub fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<Ow
     }
 }
 
+/// A close-on-exec duplicate of `fd` numbered `min` or above.
+pub fn dup_above(fd: &OwnedFd, min: RawFd) -> io::Result<OwnedFd> {
+    // SAFETY: fcntl on an fd we own; the new fd is ours.
+    let r = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, min) };
+    check_int(r).map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
 /// A close-on-exec pipe: (read, write).
 pub fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [0; 2];
