@@ -42,18 +42,20 @@ impl Client {
             let req = req
                 .body(Full::new(body.clone()))
                 .map_err(|e| format!("bad URL {url}: {e}"))?;
-            match tokio::time::timeout(Duration::from_secs(10), self.inner.request(req)).await {
-                Ok(Ok(resp)) => {
-                    let status = resp.status();
-                    let _ = resp.into_body().collect().await;
-                    if status.is_server_error() {
-                        last = format!("{url} answered {status}");
-                        continue;
-                    }
-                    return Ok(());
+            // The whole exchange, body included, within the limit.
+            let exchange = async {
+                let resp = self.inner.request(req).await?;
+                let status = resp.status();
+                let _ = resp.into_body().collect().await;
+                Ok::<_, hyper_util::client::legacy::Error>(status)
+            };
+            match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+                Ok(Ok(status)) if status.is_server_error() => {
+                    last = format!("{url} answered {status}");
                 }
+                Ok(Ok(_)) => return Ok(()),
                 Ok(Err(e)) => last = format!("POST {url}: {e}"),
-                Err(_) => last = format!("POST {url}: no answer within 10 s"),
+                Err(_) => last = format!("POST {url}: no complete answer within 10 s"),
             }
         }
         Err(last)

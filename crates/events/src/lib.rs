@@ -79,6 +79,11 @@ pub struct Events {
     scheduler: Arc<Notify>,
     /// Schedules with a run in flight (for `overlap = "skip"`).
     running: Mutex<HashSet<String>>,
+    /// Per function: instances in use by async deliveries and queue batches together (the
+    /// async lane).
+    lanes: Mutex<HashMap<String, Arc<AtomicUsize>>>,
+    /// When this server started: slots before it were missed (the server was down).
+    boot_ms: u64,
     /// Declared queues, reloaded by `refresh` (a send must not read the registry).
     queues: std::sync::RwLock<HashMap<String, QueueSpec>>,
     stopping: AtomicBool,
@@ -104,6 +109,8 @@ impl Events {
             scheduler: Arc::new(Notify::new()),
             running: Mutex::new(HashSet::new()),
             queues: std::sync::RwLock::new(HashMap::new()),
+            lanes: Mutex::new(HashMap::new()),
+            boot_ms: now_ms(),
             stopping: AtomicBool::new(false),
         }))
     }
@@ -238,6 +245,56 @@ impl Events {
             .remove(key);
     }
 
+    fn lane(&self, function: &str) -> Arc<AtomicUsize> {
+        self.lanes
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(function.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Wakes every loop of a function (a lane slot came free).
+    fn wake_function(&self, function: &str) {
+        let a = format!("async:{function}");
+        let sub = format!("sub:{function}:");
+        for (k, n) in self
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            if *k == a || k.starts_with(&sub) {
+                n.notify_one();
+            }
+        }
+    }
+
+    /// Records outcomes, retrying while the store refuses (a settle is idempotent): an
+    /// unrecorded outcome would leave events in flight until a restart.
+    async fn settle(&self, outcomes: Vec<(String, Settle)>) {
+        let mut delay = Duration::from_millis(50);
+        for attempt in 0.. {
+            let o = outcomes.clone();
+            match self.call(move |s, r| s.settle(o, r)).await {
+                Ok(()) => return,
+                Err(e) => {
+                    if attempt % 10 == 0 {
+                        tracing::error!(
+                            "event store: recording {} outcome(s) failed, retrying: {e}",
+                            outcomes.len()
+                        );
+                    }
+                    if self.stopping.load(Ordering::SeqCst) {
+                        return; // in flight: delivered again after the restart
+                    }
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
     fn wake_async(self: &Arc<Self>, function: &str) {
         let (notify, new) = self.worker(format!("async:{function}"));
         if new {
@@ -251,7 +308,8 @@ impl Events {
 
     async fn run_async(self: Arc<Self>, function: String, notify: Arc<Notify>) {
         let key = format!("async:{function}");
-        let inflight = Arc::new(AtomicUsize::new(0));
+        let inflight = self.lane(&function);
+        let mut backoff = Duration::from_millis(100);
         loop {
             if self.stopping.load(Ordering::SeqCst) {
                 return self.forget(&key);
@@ -268,10 +326,21 @@ impl Events {
             if free > 0 {
                 let lease = timeout_ms(spec) + 60_000;
                 let target = function.clone();
-                claimed = self
+                match self
                     .call(move |s, r| s.claim(Kind::Async, &target, free, lease, r))
                     .await
-                    .unwrap_or_default();
+                {
+                    Ok(c) => {
+                        claimed = c;
+                        backoff = Duration::from_millis(100);
+                    }
+                    Err(e) => {
+                        tracing::warn!("async {function}: claiming events failed: {e}");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(Duration::from_secs(10));
+                        continue;
+                    }
+                }
             }
             if claimed.is_empty() {
                 let wait = if free == 0 {
@@ -279,11 +348,6 @@ impl Events {
                 } else {
                     self.until_due(Kind::Async, &function)
                 };
-                if wait.is_zero() {
-                    // Due but not claimed: the store is failing; do not spin.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
                 tokio::select! {
                     _ = notify.notified() => {}
                     _ = tokio::time::sleep(wait) => {}
@@ -295,11 +359,10 @@ impl Events {
                 let me = self.clone();
                 let f = f.clone();
                 let inflight = inflight.clone();
-                let notify = notify.clone();
                 tokio::spawn(async move {
                     me.deliver(&f, e).await;
                     inflight.fetch_sub(1, Ordering::SeqCst);
-                    notify.notify_one();
+                    me.wake_function(&f.spec.name);
                 });
             }
         }
@@ -378,6 +441,10 @@ impl Events {
                 None,
             ),
         };
+        if self.stopping.load(Ordering::SeqCst) && attempt != Attempt::Succeeded {
+            // Stopping killed it: leave it in flight; it runs again after the restart.
+            return;
+        }
         let age = now_ms().saturating_sub(e.created_ms);
         let decision = decide(attempt, e.attempts, age, &policy, fastrand::f64());
         let settle = match decision {
@@ -410,11 +477,7 @@ impl Events {
             }
         };
         let dead_copy = matches!(&settle, Settle::DeadLetter { copy: Some(_), .. });
-        let id = e.id.clone();
-        if let Err(err) = self.call(move |s, r| s.settle(vec![(id, settle)], r)).await {
-            tracing::error!("event {}: could not record the outcome: {err}", e.id);
-            return;
-        }
+        self.settle(vec![(e.id.clone(), settle)]).await;
         if dead_copy
             && let Some(q) = e
                 .attributes
@@ -433,6 +496,28 @@ impl Events {
         if !final_ {
             return;
         }
+        // Schedule bookkeeping, destinations and the callback run on their own: a slow
+        // receiver must not hold a lane slot.
+        let me = self.clone();
+        let f = f.clone();
+        tokio::spawn(async move {
+            me.after(&f, &e, condition, error, response, function_error, duration)
+                .await
+        });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn after(
+        self: &Arc<Self>,
+        f: &FunctionVersion,
+        e: &Event,
+        condition: &'static str,
+        error: Option<String>,
+        response: Bytes,
+        function_error: Option<&'static str>,
+        duration: Duration,
+    ) {
+        let spec = &f.spec;
         if let Some(name) = e.attributes.get("schedule").and_then(Value::as_str) {
             self.running
                 .lock()
@@ -612,6 +697,8 @@ impl Events {
     ) {
         let key = format!("sub:{function}:{queue}");
         let inflight = Arc::new(AtomicUsize::new(0));
+        // Shared with async deliveries: together they stay within the function's async lane.
+        let lane = self.lane(&function);
         loop {
             if self.stopping.load(Ordering::SeqCst) {
                 return self.forget(&key);
@@ -642,7 +729,9 @@ impl Events {
                 .max_concurrency
                 .map(|c| c as usize)
                 .unwrap_or_else(|| (f.spec.scaling.max_instances as usize / 2).max(1));
-            let free = cap.saturating_sub(inflight.load(Ordering::SeqCst));
+            let free = cap
+                .saturating_sub(inflight.load(Ordering::SeqCst))
+                .min(async_cap(&f.spec).saturating_sub(lane.load(Ordering::SeqCst)));
             let now = now_ms();
             let (due, oldest) = if free > 0 {
                 self.store
@@ -682,13 +771,15 @@ impl Events {
                 continue;
             }
             inflight.fetch_add(1, Ordering::SeqCst);
+            lane.fetch_add(1, Ordering::SeqCst);
             let me = self.clone();
             let inflight = inflight.clone();
-            let notify = notify.clone();
+            let lane = lane.clone();
             tokio::spawn(async move {
                 me.process_batch(&f, &sub, &q, batch, claimed_at).await;
                 inflight.fetch_sub(1, Ordering::SeqCst);
-                notify.notify_one();
+                lane.fetch_sub(1, Ordering::SeqCst);
+                me.wake_function(&f.spec.name);
             });
         }
     }
@@ -725,6 +816,11 @@ impl Events {
             Err(InvokeError::ShuttingDown) => return,
             Err(e) => Err(e.to_string()),
         };
+        if self.stopping.load(Ordering::SeqCst) && !failed.as_ref().is_ok_and(|f| f.is_empty()) {
+            // Stopping killed the batch: leave it in flight; it is received again after the
+            // restart.
+            return;
+        }
         let (failed, error): (HashSet<String>, Option<String>) = match failed {
             Ok(list) => {
                 let n = list.len();
@@ -763,9 +859,7 @@ impl Events {
                 ));
             }
         }
-        if let Err(e) = self.call(move |s, r| s.settle(settles, r)).await {
-            tracing::error!("queue {}: could not record a batch's outcome: {e}", q.name);
-        }
+        self.settle(settles).await;
         if let Some(d) = dead_lettered {
             self.wake_queue(&d);
         }
@@ -880,7 +974,10 @@ impl Events {
                 match self.tick(&function, &s, now).await {
                     Ok(Some(at)) => wake = wake.min(at),
                     Ok(None) => {}
-                    Err(e) => tracing::warn!("schedule {}: {e}", s.name),
+                    Err(e) => {
+                        tracing::warn!("schedule {}: {e}", s.name);
+                        wake = wake.min(now + 1_000);
+                    }
                 }
             }
             let wait = Duration::from_millis(wake.saturating_sub(now_ms()));
@@ -921,9 +1018,6 @@ impl Events {
         if fire_at > now {
             return Ok(Some(fire_at));
         }
-        let period = sched
-            .next_after(next, next)
-            .map_or(10_000, |n| n.saturating_sub(next));
         let following = sched.next_after(now.max(next), next).unwrap_or(u64::MAX);
         let running = self
             .running
@@ -931,7 +1025,7 @@ impl Events {
             .unwrap_or_else(|p| p.into_inner())
             .contains(&key);
         let action =
-            policy::slot_action(now, fire_at, period, s.catch_up, s.allow_overlap, running);
+            policy::slot_action(self.boot_ms, fire_at, s.catch_up, s.allow_overlap, running);
         let fire = action == policy::SlotAction::Fire;
         let outcome = match action {
             policy::SlotAction::Fire => "fired",
@@ -957,6 +1051,7 @@ impl Events {
                     .remove(&key);
                 return Err(e.to_string());
             }
+            self.wake_async(function);
         }
         let k = key.clone();
         let running = fire.then_some(true);
@@ -965,9 +1060,6 @@ impl Events {
         })
         .await
         .map_err(|e| e.to_string())?;
-        if fire {
-            self.wake_async(function);
-        }
         Ok((following != u64::MAX).then_some(following))
     }
 

@@ -169,6 +169,12 @@ impl Platform {
             }
         }
         for q in &manifest.queues {
+            if q.dead_letter_queue.as_deref() == Some(q.name.as_str()) {
+                return Err(ApiError::BadRequest(format!(
+                    "[queues.{}] dead_letter_queue names the queue itself: declare another queue for its dead letters",
+                    q.name
+                )));
+            }
             if let Some(d) = &q.dead_letter_queue {
                 check(format!("[queues.{}] dead_letter_queue", q.name), d)?;
             }

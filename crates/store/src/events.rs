@@ -40,6 +40,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 CREATE INDEX IF NOT EXISTS events_due ON events(kind, target, state, visible_ms, seq);
 CREATE INDEX IF NOT EXISTS events_fifo ON events(kind, target, state, seq);
+CREATE INDEX IF NOT EXISTS events_finished ON events(state, updated_ms);
 CREATE TABLE IF NOT EXISTS schedules (
   name TEXT PRIMARY KEY,
   next_ms INTEGER,
