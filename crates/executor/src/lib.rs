@@ -166,14 +166,26 @@ impl ProcessExecutor {
     ) -> ProcessExecutor {
         let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
         // Short and private: a Unix socket path is limited to 108 bytes.
-        let socket_dir =
-            std::env::temp_dir().join(format!("gust-{}-{:x}", std::process::id(), now_ms()));
         remove_stale_socket_dirs();
-        let _ = std::fs::create_dir_all(&socket_dir);
-        let _ = std::fs::set_permissions(
-            &socket_dir,
-            std::os::unix::fs::PermissionsExt::from_mode(0o700),
-        );
+        // A fresh directory of our own: never one that already exists (another user could have
+        // planted it, or a symlink, to choose what instances get at /run/gust).
+        let socket_dir = loop {
+            let d = std::env::temp_dir().join(format!(
+                "gust-{}-{:016x}",
+                std::process::id(),
+                fastrand::u64(..)
+            ));
+            match std::os::unix::fs::DirBuilderExt::mode(&mut std::fs::DirBuilder::new(), 0o700)
+                .create(&d)
+            {
+                Ok(()) => break d,
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => {
+                    tracing::error!("cannot create {}: {e}", d.display());
+                    break d;
+                }
+            }
+        };
         let host = options.sandbox.then(|| {
             Host::probe(
                 options.init_exe.clone(),
@@ -582,7 +594,6 @@ impl ProcessExecutor {
                         format!("function {name}: cannot start its sandbox: {m}"),
                     )
                 })?;
-                self.live.fetch_add(1, Ordering::SeqCst);
                 let sandbox = Arc::new(spawned.sandbox);
                 let (tcp, admit): (Option<TcpListener>, Option<Admit>) = match spawned.listener {
                     Some(l) => {
@@ -601,6 +612,8 @@ impl ProcessExecutor {
                         (host_tcp, Some(admit))
                     }
                 };
+                // Counted from here: the exit watcher started below uncounts it.
+                self.live.fetch_add(1, Ordering::SeqCst);
                 (
                     Proc::Sandboxed(sandbox),
                     Some(spawned.stdout),
@@ -715,14 +728,23 @@ impl ProcessExecutor {
         let mut launch = self.launch(None, runtime).await?;
         let (parked, env_tx) = launch.prewarm.take().expect("launched without a function");
         let mut exited = launch.exited.clone();
+        // On every failure below the sandbox and its Runtime API server go.
+        let fail = |launch: &Launch| {
+            launch.server.abort();
+            launch.proc.signal(libc::SIGKILL);
+        };
         tokio::select! {
-            r = parked => r.map_err(|_| InitError::new("Runtime.Unknown", "pre-warmed sandbox vanished"))?,
+            r = parked => if r.is_err() {
+                fail(&launch);
+                return Err(InitError::new("Runtime.Unknown", "pre-warmed sandbox vanished"));
+            },
             _ = wait_exit(&mut exited) => {
                 let detail = launch.exited.borrow().as_ref().map(|e| e.detail.clone()).unwrap_or_default();
+                fail(&launch);
                 return Err(InitError::new("Runtime.ExitError", format!("pre-warmed runtime exited: {detail}")));
             }
             _ = tokio::time::sleep(INIT_TIMEOUT) => {
-                launch.proc.signal(libc::SIGKILL);
+                fail(&launch);
                 return Err(InitError::new("Sandbox.Timedout", "pre-warmed runtime did not start"));
             }
         }
@@ -734,12 +756,20 @@ impl ProcessExecutor {
 
     /// A pre-warmed sandbox for this function, when one fits.
     fn take_zygote(&self, f: &FunctionVersion) -> Option<Zygote> {
-        if self.prewarm == 0 || f.spec.network != Network::Default {
+        if self.prewarm == 0
+            || f.spec.network != Network::Default
+            || f.spec.ephemeral_storage_mb != gust_core::DEFAULT_EPHEMERAL_STORAGE_MB
+        {
             return None;
         }
         // Variables read only at interpreter start would not take effect after it.
         if f.spec.environment.keys().any(|k| {
-            k.starts_with("NODE_") || k.starts_with("PYTHON") || k == "LANG" || k.starts_with("LC_")
+            k.starts_with("NODE_")
+                || k.starts_with("PYTHON")
+                || k.starts_with("LD_")
+                || k.starts_with("MALLOC_")
+                || k.starts_with("LC_")
+                || ["LANG", "GLIBC_TUNABLES", "UV_THREADPOOL_SIZE"].contains(&k.as_str())
         }) {
             return None;
         }

@@ -189,14 +189,24 @@ impl RuntimeApi {
                     }
                 } => match r {
                     Ok((stream, peer)) => {
-                        if let (Some(admit), Ok(local)) = (&admit, stream.local_addr())
-                            && !admit(peer, local)
-                        {
-                            tracing::warn!(%peer, "refused a Runtime API connection that does not come from the instance");
-                            continue;
-                        }
                         let _ = stream.set_nodelay(true);
-                        tokio::spawn(self.clone().serve_conn(stream));
+                        let Some(admit) = admit.clone() else {
+                            tokio::spawn(self.clone().serve_conn(stream));
+                            continue;
+                        };
+                        // The check reads /proc (the connection's owner): off the async workers.
+                        let api = self.clone();
+                        tokio::spawn(async move {
+                            let Ok(local) = stream.local_addr() else { return };
+                            let ok = tokio::task::spawn_blocking(move || admit(peer, local))
+                                .await
+                                .unwrap_or(false);
+                            if ok {
+                                api.serve_conn(stream).await;
+                            } else {
+                                tracing::warn!(%peer, "refused a Runtime API connection that does not come from the instance");
+                            }
+                        });
                     }
                     // EMFILE and friends: back off instead of spinning or giving up.
                     Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,

@@ -18,8 +18,12 @@ const CTL: RawFd = 3;
 
 /// Runs the init; never returns.
 pub fn main() -> ! {
-    // SAFETY: fd 3 is the control socket gust placed there before exec; we own it now.
-    let ctl = unsafe { UnixStream::from_raw_fd(CTL) };
+    // SAFETY: fd 3 is the control socket gust placed there before exec; we own it now. It
+    // must not reach the runtime (dup2 cleared its close-on-exec flag).
+    let ctl = unsafe {
+        libc::fcntl(CTL, libc::F_SETFD, libc::FD_CLOEXEC);
+        UnixStream::from_raw_fd(CTL)
+    };
     let code = match run(&ctl) {
         Ok(code) => code,
         Err(msg) => {
@@ -81,6 +85,11 @@ fn run(ctl: &UnixStream) -> Result<i32, String> {
     if go != "go" {
         return Err(format!("expected go, got {go:?}"));
     }
+    // Now inside its cgroup: the runtime sees that cgroup as its root, not the host's paths.
+    // SAFETY: unshare of the cgroup namespace for this single-threaded process.
+    unsafe {
+        libc::unshare(libc::CLONE_NEWCGROUP);
+    }
     // SAFETY: this process is single-threaded; the child only runs `exec_runtime`.
     let pid = unsafe { libc::fork() };
     if pid < 0 {
@@ -108,6 +117,13 @@ fn exec_runtime(cfg: &InitConfig, filters: Option<&[seccompiler::BpfProgram]>) -
         libc::sigemptyset(&mut set);
         libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut());
         libc::setsid();
+        // PID 1 is exempt from the OOM killer; the runtime must not inherit that.
+        let adj = c"/proc/self/oom_score_adj";
+        let fd = libc::open(adj.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd >= 0 {
+            libc::write(fd, b"0".as_ptr() as *const libc::c_void, 1);
+            libc::close(fd);
+        }
         let nofile = libc::rlimit {
             rlim_cur: cfg.nofile,
             rlim_max: cfg.nofile,
@@ -403,7 +419,8 @@ fn setup_root(cfg: &InitConfig) -> Result<(), String> {
         bind(
             &b.src,
             &under(root, &b.dst),
-            MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
+            // Read-only too: connecting to the socket needs no write access.
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV | MOUNT_ATTR_NOEXEC,
         )?;
     }
     for m in &cfg.masks {

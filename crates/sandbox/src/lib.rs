@@ -314,13 +314,6 @@ impl Sandbox {
     /// Starts a sandbox and waits until its runtime process is forked.
     pub async fn spawn(host: &Host, spec: &Spec) -> Result<Spawned, String> {
         host.namespaces.clone()?;
-        let cgroup = match &host.cgroups {
-            Ok(l) => Some(
-                l.create(&spec.id, &spec.limits)
-                    .map_err(|e| e.to_string())?,
-            ),
-            Err(_) => None,
-        };
         let io = |what: &'static str| move |e: io::Error| format!("{what}: {e}");
         let (out_r, out_w) = sys::pipe().map_err(io("pipe"))?;
         let (err_r, err_w) = sys::pipe().map_err(io("pipe"))?;
@@ -330,8 +323,37 @@ impl Sandbox {
         let argv0 = std::ffi::CString::new(INIT_ARGV0).expect("no NUL");
         let argv = [argv0.as_ptr(), std::ptr::null()];
         let envp: [*const libc::c_char; 1] = [std::ptr::null()];
+        // Sources above the targets (0-3), so that no dup2 in the child clobbers another source
+        // (gust's own stdio may be closed, making a new fd 0, 1 or 2).
+        let high = |fd: &OwnedFd| sys::dup_above(fd, 10).map_err(io("dup"));
+        let (devnull, out_w, err_w, ctl_child) = (
+            high(&devnull.into())?,
+            high(&out_w)?,
+            high(&err_w)?,
+            high(&ctl_child)?,
+        );
+        // In a new user namespace the child must not exec before its uid is mapped (exec as an
+        // unmapped uid drops every capability): it waits for a byte on this pipe.
+        let (sync_r, sync_w) = sys::pipe().map_err(io("pipe"))?;
+        // The cgroup last: nothing fallible is left between its creation and the clone but
+        // opening it, and both failures remove it.
+        let cgroup = match &host.cgroups {
+            Ok(l) => Some(
+                l.create(&spec.id, &spec.limits)
+                    .map_err(|e| e.to_string())?,
+            ),
+            Err(_) => None,
+        };
         let cg_dir = match cgroup.as_ref().and_then(|c| c.v2_dir()) {
-            Some(d) => Some(std::fs::File::open(d).map_err(io("open the cgroup"))?),
+            Some(d) => match std::fs::File::open(d) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    if let Some(c) = &cgroup {
+                        c.remove();
+                    }
+                    return Err(format!("open the cgroup: {e}"));
+                }
+            },
             None => None,
         };
         let mut pidfd: libc::c_int = -1;
@@ -348,34 +370,24 @@ impl Sandbox {
             cgroup: cg_dir.as_ref().map_or(0, |f| f.as_raw_fd() as u64),
             ..Default::default()
         };
-        // Sources above the targets (0-3), so that no dup2 in the child clobbers another source
-        // (gust's own stdio may be closed, making a new fd 0, 1 or 2).
-        let high = |fd: &OwnedFd| sys::dup_above(fd, 10).map_err(io("dup"));
-        let (devnull, out_w, err_w, ctl_child) = (
-            high(&devnull.into())?,
-            high(&out_w)?,
-            high(&err_w)?,
-            high(&ctl_child)?,
-        );
-        // In a new user namespace the child must not exec before its uid is mapped (exec as an
-        // unmapped uid drops every capability): it waits for a byte on this pipe.
-        let (sync_r, sync_w) = sys::pipe().map_err(io("pipe"))?;
         let fds = [
             (devnull.as_raw_fd(), 0),
             (out_w.as_raw_fd(), 1),
             (err_w.as_raw_fd(), 2),
             (ctl_child.as_raw_fd(), 3),
         ];
-        let wait_fd = if host.rootless {
-            sync_r.as_raw_fd()
+        // (read end, write end): the child closes its copy of the write end before it waits,
+        // so that gust dying means EOF, not a wait forever.
+        let wait = if host.rootless {
+            (sync_r.as_raw_fd(), sync_w.as_raw_fd())
         } else {
-            -1
+            (-1, -1)
         };
         // SAFETY: between clone and exec the child only makes async-signal-safe syscalls on
         // memory prepared above (fds, C strings, pointer arrays).
         let pid = unsafe { sys::clone3(&mut args) };
         let pid = match pid {
-            Ok(0) => unsafe { child_exec(wait_fd, &fds, &exe, &argv, &envp) },
+            Ok(0) => unsafe { child_exec(wait, &fds, &exe, &argv, &envp) },
             Ok(pid) => pid,
             Err(e) => {
                 if let Some(c) = &cgroup {
@@ -752,7 +764,7 @@ fn set_nonblocking(fd: &OwnedFd) {
 /// # Safety
 /// Only async-signal-safe syscalls; called in the child right after clone3.
 unsafe fn child_exec(
-    wait_fd: i32,
+    (wait_fd, wait_w): (i32, i32),
     fds: &[(i32, i32)],
     exe: &std::ffi::CStr,
     argv: &[*const libc::c_char],
@@ -761,6 +773,7 @@ unsafe fn child_exec(
     // SAFETY: read/dup2/fcntl/execve/_exit are async-signal-safe; pointers are valid.
     unsafe {
         if wait_fd >= 0 {
+            libc::close(wait_w);
             let mut b = 0u8;
             if libc::read(wait_fd, &mut b as *mut u8 as *mut libc::c_void, 1) != 1 {
                 libc::_exit(125);

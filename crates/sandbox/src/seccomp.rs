@@ -164,12 +164,14 @@ pub fn denied_count() -> usize {
 pub fn filters() -> Result<Vec<BpfProgram>, String> {
     use seccompiler::{SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
     let err = |e: &dyn std::fmt::Display| format!("seccomp: {e}");
-    let arch = arch().ok_or_else(|| {
-        format!(
-            "seccomp: unsupported architecture {}",
-            std::env::consts::ARCH
-        )
-    })?;
+    let arch = arch()
+        .filter(|_| cfg!(target_arch = "x86_64"))
+        .ok_or_else(|| {
+            format!(
+                "seccomp: no syscall table for {} yet (x86_64 only)",
+                std::env::consts::ARCH
+            )
+        })?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DENIED
         .iter()
         .filter_map(|n| number(n))
@@ -202,9 +204,37 @@ pub fn filters() -> Result<Vec<BpfProgram>, String> {
     )
     .map_err(|e| err(&e))?;
     Ok(vec![
+        x32_filter(),
         BpfProgram::try_from(deny).map_err(|e| err(&e))?,
         BpfProgram::try_from(clone3).map_err(|e| err(&e))?,
     ])
+}
+
+/// Refuses the x32 ABI (syscall numbers with bit 30 set), which the x86_64 tables do not
+/// cover: `unshare` called as an x32 syscall would otherwise pass.
+fn x32_filter() -> BpfProgram {
+    use seccompiler::sock_filter;
+    const X32_BIT: u32 = 0x4000_0000;
+    const RET_ERRNO: u32 = 0x0005_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    let ins = |code: u16, jt: u8, jf: u8, k: u32| sock_filter { code, jt, jf, k };
+    vec![
+        // Load the syscall number (offset 0 of seccomp_data).
+        ins((libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, 0, 0, 0),
+        ins(
+            (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16,
+            0,
+            1,
+            X32_BIT,
+        ),
+        ins(
+            (libc::BPF_RET | libc::BPF_K) as u16,
+            0,
+            0,
+            RET_ERRNO | libc::EPERM as u32,
+        ),
+        ins((libc::BPF_RET | libc::BPF_K) as u16, 0, 0, RET_ALLOW),
+    ]
 }
 
 /// Installs the filters on the calling thread (needs no_new_privs or CAP_SYS_ADMIN).
