@@ -477,7 +477,46 @@ impl Events {
             }
         };
         let dead_copy = matches!(&settle, Settle::DeadLetter { copy: Some(_), .. });
+        // A function or queue destination's record is stored with the outcome (an outbox).
+        let condition = match decision {
+            Decision::Done => Some("Success"),
+            Decision::GiveUp(c) => Some(c),
+            Decision::Retry { .. } => None,
+        };
+        let destination = condition.and_then(|c| {
+            if c == "Success" {
+                spec.async_config.on_success.clone()
+            } else {
+                spec.async_config.on_failure.clone()
+            }
+        });
+        let outbox = match (&destination, condition) {
+            (Some(d @ (Destination::Function(_) | Destination::Queue(_))), Some(c)) => {
+                let record = policy::invocation_record(
+                    &e.id,
+                    &f.arn(),
+                    c,
+                    e.attempts,
+                    &e.payload,
+                    200,
+                    function_error,
+                    &response,
+                    now_ms(),
+                );
+                self.destination_event(d, record)
+            }
+            _ => None,
+        };
+        let settle = match &outbox {
+            Some(ev) => Settle::With(Box::new(settle), vec![ev.clone()]),
+            None => settle,
+        };
         self.settle(vec![(e.id.clone(), settle)]).await;
+        match (&destination, &outbox) {
+            (Some(Destination::Function(name)), Some(_)) => self.wake_async(name),
+            (Some(Destination::Queue(q)), Some(_)) => self.wake_queue(q),
+            _ => {}
+        }
         if dead_copy
             && let Some(q) = e
                 .attributes
@@ -549,7 +588,8 @@ impl Events {
         } else {
             spec.async_config.on_failure.clone()
         };
-        if let Some(d) = destination {
+        // Function and queue destinations went out with the outcome; URLs are POSTed here.
+        if let Some(d @ Destination::Url(_)) = destination {
             let record = policy::invocation_record(
                 &e.id,
                 &f.arn(),
@@ -589,6 +629,46 @@ impl Events {
                 tracing::warn!("event {}: callback to {url} failed: {err}", e.id);
             }
         }
+    }
+
+    /// The stored event that carries an invocation record to a function or queue destination
+    /// (None, with a warning, when the destination no longer exists).
+    fn destination_event(&self, d: &Destination, record: Value) -> Option<NewEvent> {
+        let (kind, target, attributes) = match d {
+            Destination::Function(name) => {
+                if (self.lookup)(name).is_none() {
+                    tracing::warn!("destination function {name} is not deployed: record dropped");
+                    return None;
+                }
+                (Kind::Async, name.clone(), json!({}))
+            }
+            Destination::Queue(q) => {
+                if !self
+                    .queues
+                    .read()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(q)
+                {
+                    tracing::warn!("destination queue {q} is not declared: record dropped");
+                    return None;
+                }
+                (
+                    Kind::Queue,
+                    q.clone(),
+                    json!({"messageAttributes": {}, "sentTimestamp": now_ms()}),
+                )
+            }
+            Destination::Url(_) => return None,
+        };
+        Some(NewEvent {
+            id: uuid::Uuid::new_v4().to_string(),
+            kind,
+            target,
+            payload: record.to_string().into_bytes(),
+            attributes: attributes.to_string(),
+            visible_ms: 0,
+            source: None,
+        })
     }
 
     /// Delivers an invocation record to a destination (best effort for URLs).

@@ -129,6 +129,9 @@ pub enum Settle {
     /// A queue message out of receives: moved, with its id, to the dead-letter queue `to`
     /// (`source` remembers where it came from, for redrive).
     MoveTo { to: String, error: Option<String> },
+    /// Another settle, and events appended in the same transaction (destination records: an
+    /// outbox, so that a crash cannot record the outcome and lose the record).
+    With(Box<Settle>, Vec<NewEvent>),
     /// Out of attempts: mark `dead` and append `copy` (to a dead-letter queue) in the same
     /// transaction.
     DeadLetter {
@@ -510,45 +513,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) ->
         }
         Op::Settle(outcomes, reply) => {
             for (id, s) in outcomes {
-                match s {
-                    Settle::Final { state, error } => {
-                        tx.execute(
-                            "UPDATE events SET state = ?2, last_error = COALESCE(?3, last_error), updated_ms = ?4 WHERE id = ?1",
-                            params![id, state, error, now],
-                        )?;
-                    }
-                    Settle::Retry {
-                        visible_ms,
-                        error,
-                        count,
-                    } => {
-                        tx.execute(
-                            "UPDATE events SET state = 'queued', visible_ms = ?2, last_error = COALESCE(?3, last_error),
-                               attempts = attempts - ?4, updated_ms = ?5 WHERE id = ?1",
-                            params![id, visible_ms as i64, error, if count { 0 } else { 1 }, now],
-                        )?;
-                    }
-                    Settle::MoveTo { to, error } => {
-                        tx.execute(
-                            "UPDATE events SET source = target, target = ?2, state = 'queued', attempts = 0,
-                               first_receive_ms = NULL, visible_ms = ?4, last_error = COALESCE(?3, last_error),
-                               updated_ms = ?4 WHERE id = ?1",
-                            params![id, to, error, now],
-                        )?;
-                    }
-                    Settle::Delete => {
-                        tx.execute("DELETE FROM events WHERE id = ?1", [&id])?;
-                    }
-                    Settle::DeadLetter { error, copy } => {
-                        tx.execute(
-                            "UPDATE events SET state = 'dead', last_error = COALESCE(?2, last_error), updated_ms = ?3 WHERE id = ?1",
-                            params![id, error, now],
-                        )?;
-                        if let Some(c) = copy {
-                            insert(tx, &c, now)?;
-                        }
-                    }
-                }
+                settle_one(tx, &id, s, now)?;
             }
             replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(()), Err))));
         }
@@ -599,6 +564,55 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) ->
                 )?;
             }
             replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(()), Err))));
+        }
+    }
+    Ok(())
+}
+/// Records one outcome inside the batch's transaction.
+fn settle_one(tx: &rusqlite::Transaction<'_>, id: &str, s: Settle, now: i64) -> Result<()> {
+    match s {
+        Settle::Final { state, error } => {
+            tx.execute(
+                "UPDATE events SET state = ?2, last_error = COALESCE(?3, last_error), updated_ms = ?4 WHERE id = ?1",
+                params![id, state, error, now],
+            )?;
+        }
+        Settle::Retry {
+            visible_ms,
+            error,
+            count,
+        } => {
+            tx.execute(
+                "UPDATE events SET state = 'queued', visible_ms = ?2, last_error = COALESCE(?3, last_error),
+                   attempts = attempts - ?4, updated_ms = ?5 WHERE id = ?1",
+                params![id, visible_ms as i64, error, if count { 0 } else { 1 }, now],
+            )?;
+        }
+        Settle::MoveTo { to, error } => {
+            tx.execute(
+                "UPDATE events SET source = target, target = ?2, state = 'queued', attempts = 0,
+                   first_receive_ms = NULL, visible_ms = ?4, last_error = COALESCE(?3, last_error),
+                   updated_ms = ?4 WHERE id = ?1",
+                params![id, to, error, now],
+            )?;
+        }
+        Settle::Delete => {
+            tx.execute("DELETE FROM events WHERE id = ?1", [id])?;
+        }
+        Settle::DeadLetter { error, copy } => {
+            tx.execute(
+                "UPDATE events SET state = 'dead', last_error = COALESCE(?2, last_error), updated_ms = ?3 WHERE id = ?1",
+                params![id, error, now],
+            )?;
+            if let Some(c) = copy {
+                insert(tx, &c, now)?;
+            }
+        }
+        Settle::With(inner, extra) => {
+            settle_one(tx, id, *inner, now)?;
+            for e in &extra {
+                insert(tx, e, now)?;
+            }
         }
     }
     Ok(())
