@@ -454,9 +454,16 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
         }
         let mut replies: Vec<Deferred> = Vec::new();
         let result = (|| -> Result<()> {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let mut tx =
+                conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             for op in batch {
-                apply(&tx, op, &mut replies)?;
+                // Each op in a savepoint: one that fails is rolled back alone (its caller sees
+                // the error when its reply is dropped); the rest of the batch commits.
+                let sp = tx.savepoint()?;
+                match apply(&sp, op, &mut replies) {
+                    Ok(()) => sp.commit()?,
+                    Err(e) => tracing::warn!("event store: an operation failed: {e}"),
+                }
             }
             tx.commit()?;
             Ok(())
@@ -469,7 +476,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
 }
 
 /// Runs one op inside the batch's transaction; its reply is deferred until the commit.
-fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) -> Result<()> {
+fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>) -> Result<()> {
     let now = now_ms() as i64;
     let fail = |e: Option<&StoreError>| e.map(|e| StoreError::Invalid(format!("event store: {e}")));
     match op {
@@ -569,7 +576,7 @@ fn apply(tx: &rusqlite::Transaction<'_>, op: Op, replies: &mut Vec<Deferred>) ->
     Ok(())
 }
 /// Records one outcome inside the batch's transaction.
-fn settle_one(tx: &rusqlite::Transaction<'_>, id: &str, s: Settle, now: i64) -> Result<()> {
+fn settle_one(tx: &Connection, id: &str, s: Settle, now: i64) -> Result<()> {
     match s {
         Settle::Final { state, error } => {
             tx.execute(
@@ -618,7 +625,7 @@ fn settle_one(tx: &rusqlite::Transaction<'_>, id: &str, s: Settle, now: i64) -> 
     Ok(())
 }
 
-fn insert(tx: &rusqlite::Transaction<'_>, e: &NewEvent, now: i64) -> Result<()> {
+fn insert(tx: &Connection, e: &NewEvent, now: i64) -> Result<()> {
     tx.prepare_cached(
         "INSERT OR IGNORE INTO events (id, kind, target, payload, attributes, state, created_ms, visible_ms, updated_ms, source)
          VALUES (?1, ?2, ?3, ?4, ?5, 'queued', ?6, ?7, ?6, ?8)",
