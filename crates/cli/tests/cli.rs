@@ -7,33 +7,10 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{TempDir, pid_alive};
+use common::{KillOnDrop, TempDir, pid_alive};
 use serde_json::Value;
 
 const GUST: &str = env!("CARGO_BIN_EXE_gust");
-
-/// Kills the child if the test fails half-way, so no server outlives it (and holds its output).
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl std::ops::Deref for KillOnDrop {
-    type Target = std::process::Child;
-    fn deref(&self) -> &Self::Target {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for KillOnDrop {
-    fn deref_mut(&mut self) -> &mut Self::Target {
-        &mut self.0
-    }
-}
 
 fn gust(data: &TempDir, server: &str, args: &[&str]) -> (bool, String, String) {
     let out = Command::new(GUST)

@@ -11,20 +11,11 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::TempDir;
+use common::{KillOnDrop, TempDir};
 use gust::client::Client;
 use http::Method;
 
 const GUST: &str = env!("CARGO_BIN_EXE_gust");
-
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 /// The function: reports the ids it processes (its request id, or each message id of a batch).
 const RECORDER: &str = r#"

@@ -142,15 +142,22 @@ impl Events {
 
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::SeqCst);
-        for n in self
+        self.notify_where(|_| true);
+        self.scheduler.notify_one();
+    }
+
+    /// Wakes the loops whose key (`async:F`, `sub:F:Q`) matches.
+    fn notify_where(&self, matches: impl Fn(&str) -> bool) {
+        for (k, n) in self
             .workers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .values()
+            .iter()
         {
-            n.notify_one();
+            if matches(k) {
+                n.notify_one();
+            }
         }
-        self.scheduler.notify_one();
     }
 
     async fn append(&self, events: Vec<NewEvent>) -> Result<(), EnqueueError> {
@@ -258,16 +265,7 @@ impl Events {
     fn wake_function(&self, function: &str) {
         let a = format!("async:{function}");
         let sub = format!("sub:{function}:");
-        for (k, n) in self
-            .workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            if *k == a || k.starts_with(&sub) {
-                n.notify_one();
-            }
-        }
+        self.notify_where(|k| k == a || k.starts_with(&sub));
     }
 
     /// Records outcomes, retrying while the store refuses (a settle is idempotent): an
@@ -447,6 +445,12 @@ impl Events {
         }
         let age = now_ms().saturating_sub(e.created_ms);
         let decision = decide(attempt, e.attempts, age, &policy, fastrand::f64());
+        let dlq = e
+            .attributes
+            .get("dlq")
+            .and_then(Value::as_str)
+            .map(str::to_string)
+            .or_else(|| spec.async_config.dead_letter_queue.clone());
         let settle = match decision {
             Decision::Done => Settle::Final {
                 state: "succeeded",
@@ -457,106 +461,86 @@ impl Events {
                 error: error.clone(),
                 count,
             },
-            Decision::GiveUp(_) => {
-                let dlq = e
-                    .attributes
-                    .get("dlq")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-                    .or_else(|| spec.async_config.dead_letter_queue.clone());
-                match dlq {
-                    Some(q) => Settle::DeadLetter {
-                        error: error.clone(),
-                        copy: Some(dead_letter(&q, &e, error.as_deref().unwrap_or(""))),
-                    },
-                    None => Settle::Final {
-                        state: "failed",
-                        error: error.clone(),
-                    },
-                }
-            }
+            Decision::GiveUp(_) => match &dlq {
+                Some(q) => Settle::DeadLetter {
+                    error: error.clone(),
+                    copy: Some(dead_letter(q, &e, error.as_deref().unwrap_or(""))),
+                },
+                None => Settle::Final {
+                    state: "failed",
+                    error: error.clone(),
+                },
+            },
         };
-        let dead_copy = matches!(&settle, Settle::DeadLetter { copy: Some(_), .. });
-        // A function or queue destination's record is stored with the outcome (an outbox).
         let condition = match decision {
             Decision::Done => Some("Success"),
             Decision::GiveUp(c) => Some(c),
             Decision::Retry { .. } => None,
         };
-        let destination = condition.and_then(|c| {
-            if c == "Success" {
-                spec.async_config.on_success.clone()
-            } else {
-                spec.async_config.on_failure.clone()
-            }
-        });
-        let outbox = match (&destination, condition) {
-            (Some(d @ (Destination::Function(_) | Destination::Queue(_))), Some(c)) => {
-                let record = policy::invocation_record(
-                    &e.id,
-                    &f.arn(),
-                    c,
-                    e.attempts,
-                    &e.payload,
-                    200,
-                    function_error,
-                    &response,
-                    now_ms(),
-                );
-                self.destination_event(d, record)
-            }
-            _ => None,
+        let Some(condition) = condition else {
+            // Tried again later: nothing else happens now.
+            self.settle(vec![(e.id.clone(), settle)]).await;
+            return;
         };
+        let destination = if condition == "Success" {
+            spec.async_config.on_success.clone()
+        } else {
+            spec.async_config.on_failure.clone()
+        };
+        let record = destination.as_ref().map(|_| {
+            policy::invocation_record(
+                &e.id,
+                &f.arn(),
+                condition,
+                e.attempts,
+                &e.payload,
+                200,
+                function_error,
+                &response,
+                now_ms(),
+            )
+        });
+        // A function or queue destination's record is stored with the outcome (an outbox); a
+        // URL gets it afterwards.
+        let (outbox, url_record) = match (destination, record) {
+            (Some(Destination::Url(u)), Some(r)) => (None, Some((u, r))),
+            (Some(d), Some(r)) => (self.destination_event(&d, r).map(|ev| (d, ev)), None),
+            _ => (None, None),
+        };
+        let dead_copy = matches!(&settle, Settle::DeadLetter { .. });
         let settle = match &outbox {
-            Some(ev) => Settle::With(Box::new(settle), vec![ev.clone()]),
+            Some((_, ev)) => Settle::With(Box::new(settle), vec![ev.clone()]),
             None => settle,
         };
         self.settle(vec![(e.id.clone(), settle)]).await;
-        match (&destination, &outbox) {
-            (Some(Destination::Function(name)), Some(_)) => self.wake_async(name),
-            (Some(Destination::Queue(q)), Some(_)) => self.wake_queue(q),
+        match &outbox {
+            Some((Destination::Function(name), _)) => self.wake_async(name),
+            Some((Destination::Queue(q), _)) => self.wake_queue(q),
             _ => {}
         }
-        if dead_copy
-            && let Some(q) = e
-                .attributes
-                .get("dlq")
-                .and_then(Value::as_str)
-                .map(str::to_string)
-                .or(spec.async_config.dead_letter_queue.clone())
-        {
-            self.wake_queue(&q);
+        if dead_copy && let Some(q) = &dlq {
+            self.wake_queue(q);
         }
-        let (condition, final_) = match decision {
-            Decision::Done => ("Success", true),
-            Decision::GiveUp(c) => (c, true),
-            Decision::Retry { .. } => ("", false),
-        };
-        if !final_ {
-            return;
-        }
-        // Schedule bookkeeping, destinations and the callback run on their own: a slow
+        // Schedule bookkeeping, the URL destination and the callback run on their own: a slow
         // receiver must not hold a lane slot.
         let me = self.clone();
-        let f = f.clone();
         tokio::spawn(async move {
-            me.after(&f, &e, condition, error, response, function_error, duration)
+            me.after(&e, condition, error, response, url_record, duration)
                 .await
         });
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// What follows a final outcome, off the lane: the schedule's record, the URL
+    /// destination, the callback.
     async fn after(
         self: &Arc<Self>,
-        f: &FunctionVersion,
         e: &Event,
         condition: &'static str,
         error: Option<String>,
         response: Bytes,
-        function_error: Option<&'static str>,
+        url_record: Option<(String, Value)>,
         duration: Duration,
     ) {
-        let spec = &f.spec;
         if let Some(name) = e.attributes.get("schedule").and_then(Value::as_str) {
             self.running
                 .lock()
@@ -583,25 +567,8 @@ impl Events {
                 .await;
             self.scheduler.notify_one();
         }
-        let destination = if condition == "Success" {
-            spec.async_config.on_success.clone()
-        } else {
-            spec.async_config.on_failure.clone()
-        };
-        // Function and queue destinations went out with the outcome; URLs are POSTed here.
-        if let Some(d @ Destination::Url(_)) = destination {
-            let record = policy::invocation_record(
-                &e.id,
-                &f.arn(),
-                condition,
-                e.attempts,
-                &e.payload,
-                200,
-                function_error,
-                &response,
-                now_ms(),
-            );
-            self.send_to(&d, record).await;
+        if let Some((url, record)) = url_record {
+            self.post_record(&url, record).await;
         }
         if let Some(url) = e.attributes.get("callback").and_then(Value::as_str) {
             let http_event = e
@@ -671,29 +638,12 @@ impl Events {
         })
     }
 
-    /// Delivers an invocation record to a destination (best effort for URLs).
-    async fn send_to(self: &Arc<Self>, d: &Destination, record: Value) {
+    /// POSTs an invocation record to a URL destination (best effort: 3 tries).
+    async fn post_record(&self, url: &str, record: Value) {
         let body = Bytes::from(record.to_string());
-        let r = match d {
-            Destination::Function(f) => self.invoke_async(f, body, None, false).await.map(|_| ()),
-            Destination::Queue(q) => self
-                .send(
-                    q,
-                    vec![Message {
-                        body,
-                        attributes: json!({}),
-                    }],
-                )
-                .await
-                .map(|_| ()),
-            Destination::Url(u) => self
-                .http
-                .post(u, vec![("Content-Type", "application/json".into())], body)
-                .await
-                .map_err(EnqueueError::Store),
-        };
-        if let Err(e) = r {
-            tracing::warn!("destination {d:?}: {e}");
+        let headers = vec![("Content-Type", "application/json".to_string())];
+        if let Err(e) = self.http.post(url, headers, body).await {
+            tracing::warn!("destination {url}: {e}");
         }
     }
 
@@ -746,16 +696,7 @@ impl Events {
 
     fn wake_queue(&self, queue: &str) {
         let suffix = format!(":{queue}");
-        for (k, n) in self
-            .workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            if k.starts_with("sub:") && k.ends_with(&suffix) {
-                n.notify_one();
-            }
-        }
+        self.notify_where(|k| k.starts_with("sub:") && k.ends_with(&suffix));
     }
 
     fn ensure_subscription(self: &Arc<Self>, function: &str, queue: &str) {
@@ -955,16 +896,7 @@ impl Events {
     pub async fn redrive(&self, dlq: &str, to: Option<String>) -> Result<u64, EnqueueError> {
         let d = dlq.to_string();
         let n = self.call(move |s, r| s.redrive(&d, to, r)).await?;
-        for (k, notify) in self
-            .workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-        {
-            if k.starts_with("sub:") {
-                notify.notify_one();
-            }
-        }
+        self.notify_where(|k| k.starts_with("sub:"));
         Ok(n)
     }
 

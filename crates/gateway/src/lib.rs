@@ -74,31 +74,28 @@ fn peer(req: &Request) -> String {
 
 /// `/fn/NAME/rest`: the function sees `/rest` as its path, as under a Lambda Function URL.
 async fn default_url(State(app): State<SharedApp>, req: Request) -> Response {
-    let path = req.uri().path();
-    let after = &path["/fn/".len()..];
+    let (name, rest) = function_path(req.uri().path(), "/fn/");
+    http_invoke(&app, req, &name, rest, "$default".into(), None).await
+}
+
+/// `PREFIX NAME/rest` → (the decoded function name, `/rest`, or `/` when there is none).
+fn function_path(path: &str, prefix: &str) -> (String, String) {
+    let after = &path[prefix.len()..];
     let (name, rest) = match after.find('/') {
-        Some(i) => (after[..i].to_string(), after[i..].to_string()),
-        None => (after.to_string(), "/".to_string()),
+        Some(i) => (&after[..i], after[i..].to_string()),
+        None => (after, "/".to_string()),
     };
-    let name = percent_encoding::percent_decode_str(&name)
+    let name = percent_encoding::percent_decode_str(name)
         .decode_utf8_lossy()
         .into_owned();
-    http_invoke(&app, req, &name, rest, "$default".into(), None).await
+    (name, rest)
 }
 
 /// `POST /async/fn/NAME/rest`: the same HTTP event as `/fn/NAME/rest`, stored and run later;
 /// 202 with the call id. `X-Callback-Url` receives the result (status, headers `X-Call-Id`,
 /// `X-Function-Status`, `X-Duration-Seconds`; body), as OpenFaaS's async calls do.
 async fn async_url(State(app): State<SharedApp>, req: Request) -> Response {
-    let path = req.uri().path().to_string();
-    let after = &path["/async/fn/".len()..];
-    let (name, rest) = match after.find('/') {
-        Some(i) => (after[..i].to_string(), after[i..].to_string()),
-        None => (after.to_string(), "/".to_string()),
-    };
-    let name = percent_encoding::percent_decode_str(&name)
-        .decode_utf8_lossy()
-        .into_owned();
+    let (name, rest) = function_path(req.uri().path(), "/async/fn/");
     let callback = req
         .headers()
         .get("x-callback-url")

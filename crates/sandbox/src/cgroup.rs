@@ -190,10 +190,6 @@ impl Layout {
         }
     }
 
-    pub fn is_v2(&self) -> bool {
-        matches!(self, Layout::V2 { .. })
-    }
-
     /// Creates an instance's cgroup with its limits.
     pub fn create(&self, id: &str, limits: &Limits) -> io::Result<Cgroup> {
         let cg = match self {
@@ -387,11 +383,6 @@ impl Cgroup {
         } else {
             keyed(&self.memory.join("memory.oom_control"), "oom_kill").unwrap_or(0)
         }
-    }
-
-    /// Whether the pids limit refused a fork.
-    pub fn pids_exhausted(&self) -> bool {
-        keyed(&self.pids.join("pids.events"), "max").unwrap_or(0) > 0
     }
 
     pub fn procs(&self) -> Vec<i32> {

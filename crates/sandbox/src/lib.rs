@@ -692,10 +692,6 @@ impl Sandbox {
         self.cgroup.as_ref().is_some_and(|c| c.oom_kills() > 0)
     }
 
-    pub fn has_cgroup(&self) -> bool {
-        self.cgroup.is_some()
-    }
-
     /// Whether a process of this sandbox holds the socket with this inode (used to refuse
     /// Runtime API connections from anything but the instance itself).
     pub fn owns_socket(&self, inode: u64) -> bool {

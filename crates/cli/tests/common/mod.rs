@@ -14,6 +14,30 @@ use serde_json::Value;
 
 static NEXT: AtomicU64 = AtomicU64::new(0);
 
+/// A child process (a real `gust serve`) killed when the test ends, even half-way, so that no
+/// server outlives it (or holds its output).
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
+}
+
 /// A directory removed on drop.
 pub struct TempDir(pub PathBuf);
 
