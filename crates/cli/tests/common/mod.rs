@@ -389,6 +389,18 @@ pub fn own_cgroup_dirs() -> Vec<PathBuf> {
     out
 }
 
+/// Polls until no process of the instance is left (or `limit` passes); returns what is left.
+pub async fn instance_gone(id: &str, limit: Duration) -> Vec<i32> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = instance_procs(id);
+        if left.is_empty() || Instant::now() >= deadline {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A manifest for one function with extra lines in its table.
 pub fn manifest(service: &str, name: &str, runtime: &str, handler: &str, extra: &str) -> String {
     format!(
