@@ -12,6 +12,12 @@ use std::ops::RangeInclusive;
 use chrono::{DateTime, Datelike, NaiveDateTime, TimeZone, Utc};
 use chrono_tz::Tz;
 
+/// The longest rate period: 10 years. Longer ones are refused at deploy, so a period never
+/// overflows (EventBridge documents no maximum).
+pub const MAX_RATE_MS: u64 = 3650 * 86_400_000;
+/// The years a cron year field or an `at()` may name.
+pub const YEARS: RangeInclusive<i32> = 1970..=2199;
+
 #[derive(Debug, Clone)]
 pub enum Schedule {
     /// Every `every_ms`, from the schedule's anchor (when it was first deployed).
@@ -51,7 +57,7 @@ fn years(field: &str) -> Result<Option<Vec<RangeInclusive<i32>>>, String> {
         let (a, b) = part.split_once('-').unwrap_or((part, part));
         let a: i32 = a.parse().map_err(|_| bad())?;
         let b: i32 = b.parse().map_err(|_| bad())?;
-        if !(1970..=2199).contains(&a) || b < a || b > 2199 {
+        if !YEARS.contains(&a) || b < a || !YEARS.contains(&b) {
             return Err(bad());
         }
         out.push(a..=b);
@@ -69,11 +75,24 @@ impl Schedule {
                 .trim()
                 .split_once(' ')
                 .ok_or_else(|| format!("{expr:?}: {hint}"))?;
-            let n: u64 = n.parse().map_err(|_| format!("{expr:?}: {hint}"))?;
+            let too_long = |max: u64, unit: &str| {
+                format!(
+                    "{expr:?}: the longest rate is {} days (10 years): use at most rate({max} {unit}), or at(...) for a one-time run",
+                    MAX_RATE_MS / 86_400_000
+                )
+            };
+            let n: u64 = match n.parse() {
+                Ok(n) => n,
+                Err(_) if n.bytes().all(|b| b.is_ascii_digit()) => {
+                    return Err(too_long(MAX_RATE_MS / 86_400_000, "days"));
+                }
+                Err(_) => return Err(format!("{expr:?}: {hint}")),
+            };
             if n == 0 {
                 return Err(format!("{expr:?}: the value must be at least 1"));
             }
-            let unit_ms = match (unit.trim(), n) {
+            let unit = unit.trim();
+            let unit_ms = match (unit, n) {
                 ("minute", 1) | ("minutes", 2..) => 60_000,
                 ("hour", 1) | ("hours", 2..) => 3_600_000,
                 ("day", 1) | ("days", 2..) => 86_400_000,
@@ -85,6 +104,11 @@ impl Schedule {
                     ));
                 }
             };
+            // Checked before multiplying: a huge value must not wrap to a short (or zero) period.
+            let max = MAX_RATE_MS / unit_ms;
+            if n > max {
+                return Err(too_long(max, unit));
+            }
             return Ok(Schedule::Rate {
                 every_ms: n * unit_ms,
             });
@@ -102,6 +126,13 @@ impl Schedule {
                         .earliest()
                 })
                 .ok_or_else(|| format!("{expr:?}: not a time that exists in {zone}"))?;
+            if !YEARS.contains(&at.with_timezone(&Utc).year()) {
+                return Err(format!(
+                    "{expr:?}: the year must be {}..={} (UTC)",
+                    YEARS.start(),
+                    YEARS.end()
+                ));
+            }
             return Ok(Schedule::At {
                 at_ms: at.timestamp_millis().max(0) as u64,
             });
@@ -143,20 +174,27 @@ impl Schedule {
         })
     }
 
-    /// The first slot strictly after `after_ms`. `anchor_ms` is where a rate's slots start.
+    /// The first slot strictly after `after_ms`, or None when there is none that a u64 (or a
+    /// date) can hold. `anchor_ms` is where a rate's slots start. Total for any inputs: the
+    /// scheduler relies on an answer that is always later than `after_ms`, whatever is stored.
     pub fn next_after(&self, after_ms: u64, anchor_ms: u64) -> Option<u64> {
+        self.next_unchecked(after_ms, anchor_ms)
+            .filter(|n| *n > after_ms)
+    }
+
+    fn next_unchecked(&self, after_ms: u64, anchor_ms: u64) -> Option<u64> {
         match self {
             Schedule::Rate { every_ms } => {
                 if after_ms < anchor_ms {
                     return Some(anchor_ms);
                 }
-                let k = (after_ms - anchor_ms) / every_ms + 1;
-                Some(anchor_ms + k * every_ms)
+                let k = ((after_ms - anchor_ms) / (*every_ms).max(1)).checked_add(1)?;
+                anchor_ms.checked_add(k.checked_mul(*every_ms)?)
             }
-            Schedule::At { at_ms } => (*at_ms > after_ms).then_some(*at_ms),
+            Schedule::At { at_ms } => Some(*at_ms),
             Schedule::Cron { cron, years, tz } => {
                 let mut from = Utc
-                    .timestamp_millis_opt(after_ms as i64)
+                    .timestamp_millis_opt(i64::try_from(after_ms).ok()?)
                     .single()?
                     .with_timezone(tz);
                 for _ in 0..64 {
@@ -172,7 +210,7 @@ impl Schedule {
                             from = tz.with_ymd_and_hms(y, 1, 1, 0, 0, 0).earliest()?
                                 - chrono::Duration::seconds(1);
                         }
-                        _ => return Some(next.with_timezone(&Utc).timestamp_millis() as u64),
+                        _ => return u64::try_from(next.timestamp_millis()).ok(),
                     }
                 }
                 None
@@ -183,9 +221,9 @@ impl Schedule {
 
 /// ISO 8601 UTC with seconds (`2026-12-01T09:00:00Z`), the scheduled-event `time`.
 pub fn iso8601_s(ms: u64) -> String {
-    let t: DateTime<Utc> = Utc
-        .timestamp_millis_opt(ms as i64)
-        .single()
+    let t: DateTime<Utc> = i64::try_from(ms)
+        .ok()
+        .and_then(|ms| Utc.timestamp_millis_opt(ms).single())
         .unwrap_or_default();
     t.format("%Y-%m-%dT%H:%M:%SZ").to_string()
 }
@@ -357,6 +395,123 @@ mod tests {
         ] {
             let e = Schedule::parse(expr, tz).unwrap_err();
             assert!(e.contains(needle), "{expr}: {e}");
+        }
+    }
+
+    #[test]
+    fn out_of_range_values_are_refused() {
+        for (expr, needle) in [
+            ("rate(18446744073709551615 days)", "rate(3650 days)"),
+            ("rate(9223372036854775807 minutes)", "rate(5256000 minutes)"),
+            ("rate(4294967296 days)", "longest rate is 3650 days"),
+            ("rate(3651 days)", "rate(3650 days)"),
+            ("rate(87601 hours)", "rate(87600 hours)"),
+            ("rate(315360001 seconds)", "rate(315360000 seconds)"),
+            ("rate(99999999999999999999999 minutes)", "longest rate"),
+            ("rate(-5 minutes)", "rate(VALUE UNIT)"),
+            ("at(1969-12-31T23:59:59)", "1970..=2199"),
+            ("at(2200-01-01T00:00:00)", "1970..=2199"),
+            ("at(99999-01-01T00:00:00)", "at(yyyy"),
+            ("cron(0 12 * * ? 2200)", "year field"),
+            ("cron(0 12 * * ? 2026-2300)", "year field"),
+            ("cron(0 12 * * ? 9999999999)", "year field"),
+            ("cron(60 12 * * ? *)", "cron(60"),
+            ("cron(0 24 * * ? *)", "cron(0 24"),
+            ("cron(0 0 32 * ? *)", "cron(0 0 32"),
+            ("cron(0 0 ? 13 * *)", "cron(0 0 ? 13"),
+            ("*/0 * * * *", "*/0"),
+            ("*/99999999999999999999 * * * *", "*/9999"),
+        ] {
+            let e = Schedule::parse(expr, None).unwrap_err();
+            assert!(e.contains(needle), "{expr}: {e}");
+        }
+        let longest = Schedule::parse("rate(3650 days)", None).unwrap();
+        assert!(matches!(
+            longest,
+            Schedule::Rate {
+                every_ms: MAX_RATE_MS
+            }
+        ));
+        assert!(Schedule::parse("at(2199-12-31T23:59:59)", None).is_ok());
+    }
+
+    mod props {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn any_schedule() -> impl Strategy<Value = Schedule> {
+            prop_oneof![
+                any::<u64>().prop_map(|every_ms| Schedule::Rate { every_ms }),
+                (0..=MAX_RATE_MS).prop_map(|every_ms| Schedule::Rate { every_ms }),
+                any::<u64>().prop_map(|at_ms| Schedule::At { at_ms }),
+                prop::sample::select(vec![
+                    "cron(0 12 * * ? *)",
+                    "cron(0/15 8-17 ? * MON-FRI *)",
+                    "cron(0 0 1 1 ? 2028)",
+                    "cron(0 0 L 2 ? 2100-2199)",
+                    "*/5 * * * *",
+                    "0 0 29 2 *",
+                ])
+                .prop_map(|e| Schedule::parse(e, Some("Europe/Paris")).unwrap()),
+            ]
+        }
+
+        /// Instants anywhere in u64, and often near the edges and the years schedules name.
+        fn any_ms() -> impl Strategy<Value = u64> {
+            prop_oneof![
+                any::<u64>(),
+                0..8_000_000_000_000u64,
+                (i64::MAX as u64 - 1_000_000)..=(i64::MAX as u64 + 1_000_000),
+                (u64::MAX - 1_000_000)..=u64::MAX,
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+
+            /// Whatever is stored (a period, an anchor, a next fire time, a clock), the next fire
+            /// is later than now or there is none: the scheduler can never loop on the past.
+            #[test]
+            fn next_fire_is_after_now_or_none(s in any_schedule(), now in any_ms(), anchor in any_ms()) {
+                if let Some(n) = s.next_after(now, anchor) {
+                    prop_assert!(n > now, "{s:?} after {now} anchored at {anchor}: {n}");
+                }
+            }
+
+            /// Any rate value, in any unit, parses to a period within bounds or is refused.
+            #[test]
+            fn any_rate_value_parses_in_range_or_is_refused(
+                n in prop_oneof![any::<u64>().prop_map(|n| n.to_string()), any::<i64>().prop_map(|n| n.to_string())],
+                unit in prop::sample::select(vec!["second", "seconds", "minute", "minutes", "hour", "hours", "day", "days"]),
+                now in any_ms(),
+            ) {
+                match Schedule::parse(&format!("rate({n} {unit})"), None) {
+                    Ok(Schedule::Rate { every_ms }) => {
+                        prop_assert!((1..=MAX_RATE_MS).contains(&every_ms));
+                        let s = Schedule::Rate { every_ms };
+                        if let Some(next) = s.next_after(now, now) {
+                            prop_assert!(next > now);
+                            prop_assert_eq!(next - now, every_ms);
+                        }
+                    }
+                    Ok(other) => prop_assert!(false, "{other:?}"),
+                    Err(e) => prop_assert!(e.contains("rate("), "{e}"),
+                }
+            }
+
+            /// Any date in an at() is refused out of range, or fires once, after now.
+            #[test]
+            fn any_at_date_parses_in_range_or_is_refused(
+                y in -100_000i64..100_000, mo in 0u32..14, d in 0u32..33, now in any_ms(),
+            ) {
+                if let Ok(s) = Schedule::parse(&format!("at({y:04}-{mo:02}-{d:02}T12:00:00)"), None) {
+                    prop_assert!((1970..=2199).contains(&y));
+                    if let Some(n) = s.next_after(now, 0) {
+                        prop_assert!(n > now);
+                        prop_assert_eq!(s.next_after(n, 0), None);
+                    }
+                }
+            }
         }
     }
 

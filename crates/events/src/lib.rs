@@ -976,13 +976,25 @@ impl Events {
     }
 
     async fn run_scheduler(self: Arc<Self>) {
+        // Stored schedules this build refuses (accepted by an older one, e.g. an out-of-range
+        // rate): reported once each and left alone, since retrying cannot help.
+        let mut refused = HashSet::new();
         loop {
             if self.stopping.load(Ordering::SeqCst) {
                 return;
             }
             let now = now_ms();
-            let mut wake = now + 60_000;
+            let mut wake = now.saturating_add(60_000);
             for (function, s) in self.all_schedules() {
+                if let Err(e) = Schedule::parse(&s.expression, s.timezone.as_deref()) {
+                    if refused.insert(schedule_key(&s)) {
+                        tracing::error!(
+                            "schedule {} is not run: {e}; deploy the service again with a valid expression",
+                            s.name
+                        );
+                    }
+                    continue;
+                }
                 match self.tick(&function, &s, now).await {
                     Ok(Some(at)) => wake = wake.min(at),
                     Ok(None) => {}
@@ -1010,23 +1022,31 @@ impl Events {
         let key = schedule_key(s);
         let sched = Schedule::parse(&s.expression, s.timezone.as_deref())?;
         let state = self.store.schedule(&key).map_err(|e| e.to_string())?;
-        let next = match state.and_then(|st| st.next_ms) {
-            Some(n) => n,
-            None => {
-                let Some(n) = sched.next_after(now, now) else {
-                    return Ok(None);
-                };
-                let k = key.clone();
-                self.call(move |st, r| st.set_schedule(&k, Some(n), None, None, r))
-                    .await
-                    .map_err(|e| e.to_string())?;
-                n
+        // Every next fire time the scheduler stores is at most the first slot after the time it
+        // was computed, so it is never later than `earliest`. One that is (a value written by an
+        // older build, or a clock set back) would park the schedule: it starts again from now.
+        let earliest = sched.next_after(now, now);
+        let next = match (state.and_then(|st| st.next_ms), earliest) {
+            (Some(n), Some(e)) if n > e => {
+                tracing::warn!(
+                    "schedule {}: stored next fire time {n} is out of range; next fire at {}",
+                    s.name,
+                    gust_core::schedule::iso8601_s(e)
+                );
+                self.store_next(&key, e).await?;
+                e
             }
+            (Some(n), _) => n,
+            (None, Some(e)) => {
+                self.store_next(&key, e).await?;
+                e
+            }
+            (None, None) => return Ok(None),
         };
         if next == u64::MAX {
             return Ok(None);
         }
-        let fire_at = next + policy::flex_offset(&key, next, s.flexible_window_min);
+        let fire_at = next.saturating_add(policy::flex_offset(&key, next, s.flexible_window_min));
         if fire_at > now {
             return Ok(Some(fire_at));
         }
@@ -1073,6 +1093,13 @@ impl Events {
         .await
         .map_err(|e| e.to_string())?;
         Ok((following != u64::MAX).then_some(following))
+    }
+
+    async fn store_next(&self, key: &str, next: u64) -> Result<(), String> {
+        let k = key.to_string();
+        self.call(move |st, r| st.set_schedule(&k, Some(next), None, None, r))
+            .await
+            .map_err(|e| e.to_string())
     }
 
     fn schedule_event(&self, function: &str, s: &ScheduleSpec, key: &str, slot: u64) -> NewEvent {

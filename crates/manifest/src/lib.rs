@@ -872,6 +872,29 @@ runtime = "provided"
     }
 
     #[test]
+    fn out_of_range_schedules_are_refused_with_the_line() {
+        let with = |expr: &str| {
+            format!(
+                "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n\n[[functions.f.schedules]]\nexpression = \"{expr}\"\n"
+            )
+        };
+        assert_eq!(
+            err(&with("rate(18446744073709551615 days)")),
+            "gust.toml:8: \"rate(18446744073709551615 days)\": the longest rate is 3650 days (10 years): use at most rate(3650 days), or at(...) for a one-time run"
+        );
+        assert_eq!(
+            err(&with("rate(9223372036854775807 minutes)")),
+            "gust.toml:8: \"rate(9223372036854775807 minutes)\": the longest rate is 3650 days (10 years): use at most rate(5256000 minutes), or at(...) for a one-time run"
+        );
+        assert!(err(&with("rate(4294967296 days)")).starts_with("gust.toml:8: "));
+        assert_eq!(
+            err(&with("at(2200-01-01T00:00:00)")),
+            "gust.toml:8: \"at(2200-01-01T00:00:00)\": the year must be 1970..=2199 (UTC)"
+        );
+        assert!(parse("gust.toml", &with("rate(3650 days)")).is_ok());
+    }
+
+    #[test]
     fn route_paths() {
         assert!(check_route_path("/a/{b}/{c+}").is_ok());
         assert!(check_route_path("/").is_ok());
