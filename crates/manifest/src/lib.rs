@@ -188,6 +188,34 @@ const RESERVED_ENV: &[&str] = &[
     "LAMBDA_RUNTIME_DIR",
 ];
 
+/// Why a handler string cannot be used, if it cannot. Lambda's rule (1-128 characters, no
+/// whitespace) for every runtime; for the built-in runtimes, a path inside the code directory.
+fn handler_problem(h: &str, runtime: Runtime) -> Option<&'static str> {
+    if h.is_empty() || h.len() > 128 {
+        return Some("must be 1-128 characters");
+    }
+    if h.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Some(
+            "must not contain whitespace or control characters (a newline, a tab): remove them",
+        );
+    }
+    if runtime != Runtime::Provided {
+        if h.starts_with('/') || h.starts_with('\\') {
+            return Some(
+                "must be relative to the code directory, not an absolute path: e.g. \"src/index.handler\"",
+            );
+        }
+        if h.split(['/', '\\'])
+            .any(|seg| seg == ".." || seg.starts_with(".."))
+        {
+            return Some(
+                "must not leave the code directory ('..'): move the file into the code directory",
+            );
+        }
+    }
+    None
+}
+
 struct Ctx<'a> {
     file: &'a str,
     src: &'a str,
@@ -324,6 +352,9 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
         let handler = match (&f.handler, runtime) {
             (Some(h), _) => {
                 let hv = h.get_ref();
+                if let Some(why) = handler_problem(hv, runtime) {
+                    return Err(cx.err(h.span(), format!("handler = {hv:?}: {why}")));
+                }
                 if runtime != Runtime::Provided
                     && (!hv.contains('.') || hv.starts_with('.') || hv.ends_with('.'))
                 {
@@ -389,6 +420,14 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 return Err(cx.err(
                     v.span(),
                     format!("environment key {k:?}: reserved by the platform; choose another name"),
+                ));
+            }
+            if k.starts_with("GUST_") {
+                return Err(cx.err(
+                    v.span(),
+                    format!(
+                        "environment key {k:?}: names starting with GUST_ are gust's own (the built-in runtimes read them to reach the Runtime API and to start); choose another name"
+                    ),
                 ));
             }
             if v.get_ref().contains('\0') {
@@ -868,6 +907,67 @@ runtime = "provided"
         assert!(err(src).contains("reserved by the platform"));
 
         assert!(err("[service]\nname = \"s\"\n").contains("declares no function"));
+
+        let with_handler = |rt: &str, h: &str| {
+            format!("[service]\nname = \"s\"\n[functions.f]\nruntime = \"{rt}\"\nhandler = {h}\n")
+        };
+        assert_eq!(
+            err(&with_handler("nodejs", "\"/etc/passwd.handler\"")),
+            "handler = \"/etc/passwd.handler\" at gust.toml:5: must be relative to the code directory, not an absolute path: e.g. \"src/index.handler\""
+        );
+        assert_eq!(
+            err(&with_handler("python", "\"../other/app.handler\"")),
+            "handler = \"../other/app.handler\" at gust.toml:5: must not leave the code directory ('..'): move the file into the code directory"
+        );
+        assert_eq!(
+            err(&with_handler("nodejs", "\"index.handler\\nrm -rf /\"")),
+            "handler = \"index.handler\\nrm -rf /\" at gust.toml:5: must not contain whitespace or control characters (a newline, a tab): remove them"
+        );
+        assert_eq!(
+            err(&with_handler("provided", "\"\"\"\nfoo\nbar\"\"\"")),
+            "handler = \"foo\\nbar\" at gust.toml:5: must not contain whitespace or control characters (a newline, a tab): remove them"
+        );
+        assert!(
+            err(&with_handler(
+                "nodejs",
+                &format!("\"{}.handler\"", "a".repeat(130))
+            ))
+            .ends_with("must be 1-128 characters")
+        );
+        // provided: the handler is the bootstrap's business (_HANDLER); a path is fine.
+        assert!(parse("gust.toml", &with_handler("provided", "\"/opt/thing\"")).is_ok());
+        assert!(
+            parse(
+                "gust.toml",
+                &with_handler("nodejs", "\"src/index.handler\"")
+            )
+            .is_ok()
+        );
+
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n[functions.f.environment]\nOK = \"1\"\nGUST_PREWARM = \"1\"\n";
+        assert_eq!(
+            err(src),
+            "gust.toml:8: environment key \"GUST_PREWARM\": names starting with GUST_ are gust's own (the built-in runtimes read them to reach the Runtime API and to start); choose another name"
+        );
+        for k in [
+            "AWS_LAMBDA_RUNTIME_API",
+            "LAMBDA_TASK_ROOT",
+            "AWS_SESSION_TOKEN",
+        ] {
+            let src = format!(
+                "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n[functions.f.environment]\n{k} = \"x\"\n"
+            );
+            assert_eq!(
+                err(&src),
+                format!(
+                    "gust.toml:7: environment key {k:?}: reserved by the platform; choose another name"
+                )
+            );
+        }
+        // Lambda lets functions set these (they change only the function's own process); so
+        // does gust (they make cold starts skip the pre-warmed pool).
+        let src = "[service]\nname = \"s\"\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n[functions.f.environment]\nNODE_OPTIONS = \"--enable-source-maps\"\nPATH = \"/var/task/bin:/usr/bin:/bin\"\nLD_LIBRARY_PATH = \"/var/task/lib\"\nPYTHONPATH = \"/var/task/lib\"\n";
+        assert!(parse("gust.toml", src).is_ok());
         assert!(err("[service\n").starts_with("gust.toml:1:"));
     }
 
