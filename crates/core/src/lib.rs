@@ -14,6 +14,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 pub mod lambda;
+pub mod lograte;
 pub mod schedule;
 pub mod time;
 
@@ -158,6 +159,29 @@ pub struct AsyncConfig {
     pub on_failure: Option<Destination>,
     /// A queue that receives the event itself when every attempt failed.
     pub dead_letter_queue: Option<String>,
+    /// Most events waiting or running at once (the backlog); more are refused with 429.
+    pub max_backlog: u64,
+    /// Most payload bytes in the backlog; more are refused with 429.
+    pub max_backlog_bytes: u64,
+}
+
+/// Default backlog bound of a function's async events or of a queue, in events.
+pub const DEFAULT_MAX_BACKLOG: u64 = 10_000;
+/// Default backlog bound of a function's async events or of a queue, in payload bytes (256 MiB).
+pub const DEFAULT_MAX_BACKLOG_BYTES: u64 = 256 * 1024 * 1024;
+/// Default queue message retention (SQS's default `MessageRetentionPeriod`, 4 days), ms.
+pub const DEFAULT_RETENTION_MS: u64 = 4 * 24 * 3600 * 1000;
+
+fn default_max_backlog() -> u64 {
+    DEFAULT_MAX_BACKLOG
+}
+
+fn default_max_backlog_bytes() -> u64 {
+    DEFAULT_MAX_BACKLOG_BYTES
+}
+
+fn default_retention_ms() -> u64 {
+    DEFAULT_RETENTION_MS
 }
 
 impl Default for AsyncConfig {
@@ -170,6 +194,8 @@ impl Default for AsyncConfig {
             on_success: None,
             on_failure: None,
             dead_letter_queue: None,
+            max_backlog: DEFAULT_MAX_BACKLOG,
+            max_backlog_bytes: DEFAULT_MAX_BACKLOG_BYTES,
         }
     }
 }
@@ -196,6 +222,16 @@ pub struct QueueSpec {
     /// How long a received message stays invisible, ms (default 30 s).
     pub visibility_timeout_ms: u64,
     pub dead_letter_queue: Option<String>,
+    /// Most messages waiting or in flight; more are refused with 429.
+    #[serde(default = "default_max_backlog")]
+    pub max_backlog: u64,
+    /// Most message bytes waiting or in flight; more are refused with 429.
+    #[serde(default = "default_max_backlog_bytes")]
+    pub max_backlog_bytes: u64,
+    /// A waiting message older than this (since it was sent) is deleted, ms (SQS's
+    /// `MessageRetentionPeriod`).
+    #[serde(default = "default_retention_ms")]
+    pub retention_ms: u64,
 }
 
 /// A schedule that invokes its function.
