@@ -139,28 +139,164 @@ pub struct Bundle {
     pub sha256: String,
     pub bytes: Vec<u8>,
     pub files: usize,
+    /// What was left out and why (gust data dirs, token files), for the CLI to say.
+    pub skipped: Vec<String>,
 }
 
-fn collect(dir: &Path, rel: &Path, out: &mut Vec<(PathBuf, PathBuf)>) -> anyhow::Result<()> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .with_context(|| format!("read {}", dir.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("read {}", dir.display()))?;
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name();
-        if name == ".git" || name == ".gust" || name == "__pycache__" {
-            continue;
-        }
-        let path = e.path();
-        let meta = std::fs::metadata(&path).with_context(|| format!("read {}", path.display()))?;
-        if meta.is_dir() {
-            collect(&path, &rel.join(&name), out)?;
-        } else if meta.is_file() {
-            out.push((path, rel.join(&name)));
+/// One entry of a bundle: a file, or a symlink kept as a link (its target relative, inside
+/// the code dir).
+enum Item {
+    File { path: PathBuf, rel: PathBuf },
+    Link { rel: PathBuf, target: PathBuf },
+}
+
+/// Whether `dir` is a gust server's data dir: it holds the marker the server writes at every
+/// start, or (a data dir of a gust from before the marker) a database beside a token or bundles.
+pub fn is_data_dir(dir: &Path) -> bool {
+    dir.join(gust_store::DATA_DIR_MARKER).exists()
+        || (dir.join("gust.db").is_file()
+            && (dir.join("admin-token").is_file() || dir.join("blobs/sha256").is_dir()))
+}
+
+/// The name of the admin token file; never packed, whatever directory it is in.
+const TOKEN_FILE: &str = "admin-token";
+
+/// `to` relative to the directory `from` (both absolute, canonical).
+fn relative(from: &Path, to: &Path) -> PathBuf {
+    let f: Vec<_> = from.components().collect();
+    let t: Vec<_> = to.components().collect();
+    let common = f.iter().zip(&t).take_while(|(a, b)| a == b).count();
+    let mut out = PathBuf::new();
+    for _ in common..f.len() {
+        out.push("..");
+    }
+    for c in &t[common..] {
+        out.push(c);
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// Joins a relative link target to `base` lexically (`..` pops); None if it climbs above `/`.
+fn lexical_join(base: &Path, target: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    let mut out: Vec<std::ffi::OsString> = Vec::new();
+    let start = if target.is_absolute() {
+        Path::new("/")
+    } else {
+        base
+    };
+    for c in start.components().chain(target.components()) {
+        match c {
+            Component::Normal(n) => out.push(n.to_os_string()),
+            Component::ParentDir => {
+                out.pop()?;
+            }
+            Component::CurDir | Component::RootDir | Component::Prefix(_) => {}
         }
     }
-    Ok(())
+    Some(Path::new("/").join(out.iter().collect::<PathBuf>()))
+}
+
+struct Walk<'a> {
+    /// The code dir as the user named it, for messages.
+    shown: &'a Path,
+    /// The code dir, canonical.
+    root: PathBuf,
+    items: Vec<Item>,
+    skipped: Vec<String>,
+}
+
+impl Walk<'_> {
+    fn refuse_link(&self, rel: &Path, to: &Path, why: &str) -> anyhow::Error {
+        anyhow::anyhow!(
+            "code dir {}: symlink '{}' {why} (to {}); remove it or copy the file in",
+            self.shown.display(),
+            rel.display(),
+            to.display()
+        )
+    }
+
+    /// A symlink at `rel` (whose directory, `root/rel.parent()`, is a real directory):
+    /// kept as a link when it resolves inside the code dir, else the deploy is refused. A link
+    /// is never followed: neither a file's content nor a directory's is packed through it.
+    fn link(&mut self, path: &Path, rel: &Path) -> anyhow::Result<()> {
+        let raw = std::fs::read_link(path).with_context(|| format!("read {}", path.display()))?;
+        let dir = self.root.join(rel.parent().unwrap_or(Path::new("")));
+        let resolved = match path.canonicalize() {
+            Ok(t) => t,
+            // Dangling: judged by where it would point.
+            Err(_) => match lexical_join(&dir, &raw) {
+                Some(t) => t,
+                None => {
+                    return Err(self.refuse_link(rel, &raw, "points outside the code directory"));
+                }
+            },
+        };
+        let Ok(inside) = resolved.strip_prefix(&self.root) else {
+            return Err(self.refuse_link(rel, &resolved, "points outside the code directory"));
+        };
+        // Inside, but into something that is never packed: refuse rather than ship a link
+        // that means something else on the server.
+        let mut at = self.root.clone();
+        for c in inside.components() {
+            at.push(c);
+            if at.is_dir() && is_data_dir(&at) {
+                return Err(self.refuse_link(rel, &resolved, "points into a gust data dir"));
+            }
+        }
+        if resolved.file_name().is_some_and(|n| n == TOKEN_FILE) {
+            return Err(self.refuse_link(rel, &resolved, "points to an admin token file"));
+        }
+        let target = relative(&dir, &resolved);
+        self.items.push(Item::Link {
+            rel: rel.to_path_buf(),
+            target,
+        });
+        Ok(())
+    }
+
+    fn collect(&mut self, dir: &Path, rel: &Path) -> anyhow::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)
+            .with_context(|| format!("read {}", dir.display()))?
+            .collect::<Result<_, _>>()
+            .with_context(|| format!("read {}", dir.display()))?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            let name = e.file_name();
+            if name == ".git" || name == ".gust" || name == "__pycache__" {
+                continue;
+            }
+            let path = e.path();
+            let rel = rel.join(&name);
+            let meta = std::fs::symlink_metadata(&path)
+                .with_context(|| format!("read {}", path.display()))?;
+            if meta.file_type().is_symlink() {
+                self.link(&path, &rel)?;
+            } else if meta.is_dir() {
+                if is_data_dir(&path) {
+                    self.skipped.push(format!(
+                        "{}: a gust data dir (admin token, database, code bundles) is never packed",
+                        rel.display()
+                    ));
+                    continue;
+                }
+                self.collect(&path, &rel)?;
+            } else if meta.is_file() {
+                if name == TOKEN_FILE {
+                    self.skipped.push(format!(
+                        "{}: admin token files are never packed",
+                        rel.display()
+                    ));
+                    continue;
+                }
+                self.items.push(Item::File { path, rel });
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A fingerprint of a service directory's files (paths, sizes, modification times), for
@@ -198,26 +334,53 @@ pub fn fingerprint(dir: &Path) -> u64 {
 }
 
 /// Packs a code directory. Entries are sorted and stamped with fixed times and owners, so the
-/// same code always gives the same hash (and is uploaded once).
+/// same code always gives the same hash (and is uploaded once). Symlinks are packed as links
+/// when they resolve inside the code dir, and refuse the deploy when they do not; gust data
+/// dirs and admin token files are left out (listed in `skipped`).
 pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {
-    let mut files = Vec::new();
-    collect(dir, Path::new(""), &mut files)?;
+    let root = dir
+        .canonicalize()
+        .with_context(|| format!("resolve the code dir {}", dir.display()))?;
+    let mut walk = Walk {
+        shown: dir,
+        root,
+        items: Vec::new(),
+        skipped: Vec::new(),
+    };
+    walk.collect(&walk.root.clone(), Path::new(""))?;
     let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     let mut tar = tar::Builder::new(gz);
-    for (path, rel) in &files {
-        let data = std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
-        let exec = std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path)?.permissions())
-            & 0o111
-            != 0;
-        let mut h = tar::Header::new_gnu();
-        h.set_size(data.len() as u64);
-        h.set_mode(if exec { 0o755 } else { 0o644 });
+    let stamp = |h: &mut tar::Header, mode: u32| {
+        h.set_mode(mode);
         h.set_mtime(0);
         h.set_uid(0);
         h.set_gid(0);
-        h.set_entry_type(tar::EntryType::Regular);
-        tar.append_data(&mut h, rel, data.as_slice())
-            .with_context(|| format!("pack {}", rel.display()))?;
+    };
+    for item in &walk.items {
+        match item {
+            Item::File { path, rel } => {
+                let data =
+                    std::fs::read(path).with_context(|| format!("read {}", path.display()))?;
+                let exec = std::os::unix::fs::PermissionsExt::mode(
+                    &std::fs::metadata(path)?.permissions(),
+                ) & 0o111
+                    != 0;
+                let mut h = tar::Header::new_gnu();
+                h.set_size(data.len() as u64);
+                stamp(&mut h, if exec { 0o755 } else { 0o644 });
+                h.set_entry_type(tar::EntryType::Regular);
+                tar.append_data(&mut h, rel, data.as_slice())
+                    .with_context(|| format!("pack {}", rel.display()))?;
+            }
+            Item::Link { rel, target } => {
+                let mut h = tar::Header::new_gnu();
+                h.set_size(0);
+                stamp(&mut h, 0o777);
+                h.set_entry_type(tar::EntryType::Symlink);
+                tar.append_link(&mut h, rel, target)
+                    .with_context(|| format!("pack the symlink {}", rel.display()))?;
+            }
+        }
     }
     let mut gz = tar.into_inner()?;
     gz.flush()?;
@@ -225,7 +388,8 @@ pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {
     Ok(Bundle {
         sha256: hex::encode(Sha256::digest(&bytes)),
         bytes,
-        files: files.len(),
+        files: walk.items.len(),
+        skipped: walk.skipped,
     })
 }
 
@@ -309,6 +473,9 @@ pub async fn deploy(
         let key = code_dir.canonicalize().unwrap_or(code_dir.clone());
         if !bundles.contains_key(&key) {
             let b = pack(&code_dir)?;
+            for s in &b.skipped {
+                progress(&format!("skipping {s}"));
+            }
             progress(&format!(
                 "packing {} ({}): {} files, {:.1} KB",
                 f.spec.name,

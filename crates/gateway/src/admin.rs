@@ -324,23 +324,114 @@ async fn has_blob(State(app): State<SharedApp>, Path(sha): Path<String>) -> Stat
     }
 }
 
+/// A request body as a blocking reader, for the store's streaming upload: chunks arrive
+/// through a small bounded channel, so at most a few are in memory whatever the size.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<std::io::Result<Bytes>>,
+    chunk: Bytes,
+}
+
+impl std::io::Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(Ok(c)) => self.chunk = c,
+                Some(Err(e)) => return Err(e),
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        let _ = self.chunk.split_to(n);
+        Ok(n)
+    }
+}
+
+/// Why the body stopped before its end.
+enum Cut {
+    TooLarge,
+    Read(String),
+}
+
+/// `PUT /blobs/{sha}`: the body is streamed to a temp file in the data dir while it is hashed
+/// (gust_store::Store::put_blob_from), never held whole in memory; beyond [`MAX_BUNDLE`] the
+/// upload stops with a 413, and nothing of it is kept.
 async fn put_blob(
     State(app): State<SharedApp>,
     Path(sha): Path<String>,
     req: Request,
 ) -> Result<Response, ApiError> {
-    let body = axum::body::to_bytes(req.into_body(), MAX_BUNDLE)
-        .await
-        .map_err(|_| {
-            ApiError::PayloadTooLarge(format!(
-                "code bundles are limited to {} MB",
-                MAX_BUNDLE >> 20
-            ))
-        })?;
+    use http_body_util::BodyExt;
+    let too_large = || {
+        ApiError::PayloadTooLarge(format!(
+            "code bundles are limited to {} MB",
+            MAX_BUNDLE >> 20
+        ))
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_BUNDLE as u64) {
+        return Err(too_large());
+    }
+    let (tx, rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(8);
     let store = app.platform.store.clone();
-    let created = tokio::task::spawn_blocking(move || store.put_blob(&sha, &body))
+    let writer = tokio::task::spawn_blocking(move || {
+        store.put_blob_from(
+            &sha,
+            ChannelReader {
+                rx,
+                chunk: Bytes::new(),
+            },
+        )
+    });
+    let mut body = req.into_body();
+    let mut total = 0usize;
+    let mut cut = None;
+    while let Some(frame) = body.frame().await {
+        let data = match frame {
+            Ok(f) => match f.into_data() {
+                Ok(d) => d,
+                Err(_) => continue, // trailers
+            },
+            Err(e) => {
+                cut = Some(Cut::Read(e.to_string()));
+                break;
+            }
+        };
+        total += data.len();
+        if total > MAX_BUNDLE {
+            cut = Some(Cut::TooLarge);
+            break;
+        }
+        if tx.send(Ok(data)).await.is_err() {
+            // The writer stopped (a bad hash cannot be known before the end, so this is
+            // an I/O error); its result says why.
+            break;
+        }
+    }
+    if cut.is_some() {
+        // The store sees a read error: it stops and removes its temp file.
+        let _ = tx
+            .send(Err(std::io::Error::other("the upload was cut short")))
+            .await;
+    }
+    drop(tx);
+    let stored = writer
         .await
-        .map_err(|e| ApiError::Platform(e.to_string()))??;
+        .map_err(|e| ApiError::Platform(e.to_string()))?;
+    match cut {
+        Some(Cut::TooLarge) => return Err(too_large()),
+        Some(Cut::Read(e)) => {
+            return Err(ApiError::BadRequest(format!(
+                "the bundle upload could not be read to its end ({e}): upload it again"
+            )));
+        }
+        None => {}
+    }
+    let created = stored?;
     let status = if created {
         StatusCode::CREATED
     } else {

@@ -4,15 +4,18 @@
 //!
 //! Layout of a data dir:
 //! ```text
+//! .gust-data-dir        marker: `gust deploy` never packs a directory holding it
 //! gust.db               SQLite: services, functions, deployments, logs
 //! admin-token           the admin API bearer token, mode 0600
-//! blobs/sha256/<hex>    code bundles (tar.gz) as uploaded
-//! code/<hex>/           unpacked bundles, shared by every function with the same code
+//! blobs/sha256/<hex>    code bundles (tar.gz) as uploaded, mode 0600 (bundle.rs)
+//! code/<hex>/           unpacked bundles, shared by every function with the same code;
+//!                       readable by the sandbox's group only (bundle.rs)
 //! runtimes/             the built-in bootstraps, written at start (see gust-executor)
 //! ```
 //! Cluster mode will put the same concerns behind NATS KV and object store; the gateway only
 //! uses this crate's public methods, which are the seam.
 
+mod bundle;
 pub mod events;
 
 use std::fs;
@@ -23,7 +26,6 @@ use std::sync::{Arc, Mutex, mpsc};
 
 use gust_core::{FunctionSpec, LogRecord, LogSink, QueueSpec, now_ms};
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -48,6 +50,10 @@ pub(crate) fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> S
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
+
+/// The file that marks a directory as a gust data dir, written at every start. `gust deploy`
+/// skips any directory that holds it, whatever its name.
+pub const DATA_DIR_MARKER: &str = ".gust-data-dir";
 
 /// A suffix for temp names that no other writer (thread or process) uses at the same time.
 pub(crate) fn unique() -> String {
@@ -144,6 +150,21 @@ impl Store {
         let dir = dir
             .canonicalize()
             .map_err(io(format!("resolve {}", dir.display())))?;
+        let marker = dir.join(DATA_DIR_MARKER);
+        if !marker.exists() {
+            fs::write(
+                &marker,
+                "This is a gust data dir (admin token, database, code bundles). `gust deploy` never packs it.\n",
+            )
+            .map_err(io(format!("write {}", marker.display())))?;
+        }
+        // Bundles are the code of every function: only gust (and, through their own mount,
+        // the sandboxes) may read them.
+        for sub in ["blobs", "code"] {
+            let p = dir.join(sub);
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(io(format!("chmod {}", p.display())))?;
+        }
         let conn = open_db(&dir.join("gust.db"))?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
@@ -217,8 +238,16 @@ impl Store {
     /// Stores a code bundle (tar.gz) under its sha256, after checking the hash and that it
     /// unpacks. Returns false when it was already there.
     pub fn put_blob(&self, sha: &str, bytes: &[u8]) -> Result<bool> {
+        self.put_blob_from(sha, bytes)
+    }
+
+    /// [`Store::put_blob`] from a reader: the body is streamed to a temp file in the data dir
+    /// while it is hashed (memory use does not grow with its size), checked, then renamed into
+    /// place. On any error, a read error of `body` included, no temp file is left.
+    pub fn put_blob_from(&self, sha: &str, body: impl Read) -> Result<bool> {
         Self::check_sha(sha)?;
-        let actual = hex::encode(Sha256::digest(bytes));
+        let tmp = bundle::TempPath::new(self.dir.join(format!("blobs/.tmp-{sha}-{}", unique())));
+        let actual = bundle::write_hashed(tmp.path(), body)?;
         if actual != sha {
             return Err(StoreError::Invalid(format!(
                 "bundle hash mismatch: the URL says {sha} but the body hashes to {actual}; upload again"
@@ -227,10 +256,10 @@ impl Store {
         if self.has_blob(sha) {
             return Ok(false);
         }
-        let tmp = self.dir.join(format!("blobs/.tmp-{sha}-{}", unique()));
-        fs::write(&tmp, bytes).map_err(io("write bundle"))?;
-        fs::rename(&tmp, self.blob_path(sha)).map_err(io("store bundle"))?;
-        // Unpack now so that a broken archive is the uploader's error, not a later cold start's.
+        fs::rename(tmp.path(), self.blob_path(sha)).map_err(io("store bundle"))?;
+        tmp.keep();
+        // Unpack now so that a broken or malicious archive is the uploader's error, not a
+        // later cold start's.
         if let Err(e) = self.code_dir(sha) {
             if matches!(e, StoreError::Invalid(_)) {
                 let _ = fs::remove_file(self.blob_path(sha));
@@ -240,7 +269,8 @@ impl Store {
         Ok(true)
     }
 
-    /// The unpacked code of a bundle, unpacking it on first use.
+    /// The unpacked code of a bundle, unpacking it on first use (bundle.rs: nothing in it may
+    /// reach outside it; readable by the sandbox and gust only).
     pub fn code_dir(&self, sha: &str) -> Result<PathBuf> {
         Self::check_sha(sha)?;
         let dest = self.dir.join("code").join(sha);
@@ -248,31 +278,33 @@ impl Store {
             return Ok(dest);
         }
         let blob = self.blob_path(sha);
-        let file = fs::File::open(&blob).map_err(io(format!("open bundle {sha}")))?;
-        let tmp = self.dir.join(format!("code/.tmp-{sha}-{}", unique()));
+        let file = match fs::File::open(&blob) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Invalid(format!(
+                    "code bundle {sha} was not uploaded: PUT it to /_gust/v1/blobs/{sha} first (`gust deploy` does)"
+                )));
+            }
+            Err(e) => return Err(io(format!("open bundle {sha}"))(e)),
+        };
         // A private temp dir: concurrent deploys of the same bundle unpack side by side and
         // the first rename wins.
-        fs::create_dir_all(&tmp).map_err(io("create code dir"))?;
-        let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
-        archive.set_preserve_permissions(true);
-        // Keep the exec bits (a `provided` bootstrap needs them), never setuid/setgid/sticky.
-        archive.set_mask(0o7000);
-        if let Err(e) = archive.unpack(&tmp) {
-            let _ = fs::remove_dir_all(&tmp);
-            return Err(StoreError::Invalid(format!(
-                "code bundle {sha} is not a valid tar.gz: {e}"
-            )));
-        }
-        // Instances run as an unprivileged user and read the code through a read-only mount:
-        // everything must be readable by all (Lambda asks the same of a zip's permissions).
-        readable_by_all(&tmp);
-        match fs::rename(&tmp, &dest) {
-            Ok(()) => Ok(dest),
-            // Another deploy unpacked the same bundle first.
-            Err(_) if dest.is_dir() => {
-                let _ = fs::remove_dir_all(&tmp);
+        let tmp = bundle::TempPath::new(self.dir.join(format!("code/.tmp-{sha}-{}", unique())));
+        fs::create_dir(tmp.path()).map_err(io("create code dir"))?;
+        fs::set_permissions(
+            tmp.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .map_err(io("create code dir"))?;
+        bundle::unpack(sha, std::io::BufReader::new(file), tmp.path())?;
+        bundle::restrict(tmp.path())?;
+        match fs::rename(tmp.path(), &dest) {
+            Ok(()) => {
+                tmp.keep();
                 Ok(dest)
             }
+            // Another deploy unpacked the same bundle first.
+            Err(_) if dest.is_dir() => Ok(dest),
             Err(e) => Err(io("install code dir")(e)),
         }
     }
@@ -623,31 +655,11 @@ fn write_logs(mut conn: Connection, rx: mpsc::Receiver<LogMsg>) {
     }
 }
 
-/// Adds read (and, for directories and executables, execute) permission for everyone, without
-/// following symlinks.
-fn readable_by_all(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    let Ok(meta) = fs::symlink_metadata(dir) else {
-        return;
-    };
-    let mode = meta.permissions().mode();
-    if meta.is_dir() {
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode((mode | 0o555) & 0o7777));
-        if let Ok(entries) = fs::read_dir(dir) {
-            for e in entries.flatten() {
-                readable_by_all(&e.path());
-            }
-        }
-    } else if meta.is_file() {
-        let exec = if mode & 0o111 != 0 { 0o555 } else { 0o444 };
-        let _ = fs::set_permissions(dir, fs::Permissions::from_mode((mode | exec) & 0o7777));
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use gust_core::{Runtime, Scaling};
+    use sha2::{Digest, Sha256};
 
     fn spec(name: &str, service: &str) -> FunctionSpec {
         FunctionSpec {
@@ -764,6 +776,44 @@ mod tests {
             Some(vec!["f".to_string()])
         );
         assert_eq!(store.remove_service("s1").unwrap(), None);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn unknown_bundles_and_cut_uploads_are_the_callers_error_and_leave_nothing() {
+        let dir = std::env::temp_dir().join(format!("gust-store-cut-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let store = Store::open(&dir).unwrap();
+        assert!(dir.join(DATA_DIR_MARKER).is_file());
+        let sha = "a".repeat(64);
+        match store.code_dir(&sha) {
+            Err(StoreError::Invalid(m)) => assert!(m.contains("was not uploaded"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        struct Cut(usize);
+        impl Read for Cut {
+            fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+                if self.0 == 0 {
+                    return Err(std::io::Error::other("client went away"));
+                }
+                self.0 -= 1;
+                buf[0] = b'x';
+                Ok(1)
+            }
+        }
+        assert!(matches!(
+            store.put_blob_from(&sha, Cut(1000)),
+            Err(StoreError::Io { .. })
+        ));
+        assert!(matches!(
+            store.put_blob_from(&sha, &b"not this"[..]),
+            Err(StoreError::Invalid(_))
+        ));
+        let left: Vec<_> = fs::read_dir(dir.join("blobs"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["sha256"], "temp files left behind");
         let _ = fs::remove_dir_all(&dir);
     }
 }
