@@ -549,3 +549,93 @@ pub async fn deploy(
         .admin(Method::POST, "/services", body.to_string())
         .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp(tag: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("gust-pack-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    /// (name, link target) of every entry of a bundle.
+    fn entries(b: &Bundle) -> Vec<(String, Option<String>)> {
+        let mut a = tar::Archive::new(flate2::read::GzDecoder::new(b.bytes.as_slice()));
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (
+                    e.path().unwrap().display().to_string(),
+                    e.link_name().unwrap().map(|l| l.display().to_string()),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn relative_and_lexical_paths() {
+        let r = |a: &str, b: &str| relative(Path::new(a), Path::new(b)).display().to_string();
+        assert_eq!(r("/c", "/c/a/b"), "a/b");
+        assert_eq!(r("/c/x/y", "/c/a"), "../../a");
+        assert_eq!(r("/c/a", "/c/a"), ".");
+        let l = |a: &str, b: &str| lexical_join(Path::new(a), Path::new(b));
+        assert_eq!(l("/c/x", "../a"), Some(PathBuf::from("/c/a")));
+        assert_eq!(l("/c/x", "/etc/shadow"), Some(PathBuf::from("/etc/shadow")));
+        assert_eq!(l("/c", "../../.."), None);
+    }
+
+    #[test]
+    fn links_inside_are_packed_as_links_and_the_hash_is_stable() {
+        let dir = temp("inside");
+        std::fs::create_dir_all(dir.join("lib/deep")).unwrap();
+        std::fs::write(dir.join("lib/a.js"), "A").unwrap();
+        std::os::unix::fs::symlink(dir.join("lib/a.js"), dir.join("abs.js")).unwrap();
+        std::os::unix::fs::symlink("../a.js", dir.join("lib/deep/up.js")).unwrap();
+        std::os::unix::fs::symlink("..", dir.join("lib/deep/parent")).unwrap();
+        std::os::unix::fs::symlink("missing/x", dir.join("dangling")).unwrap();
+        let b = pack(&dir).unwrap();
+        assert_eq!(
+            entries(&b),
+            [
+                ("abs.js".to_string(), Some("lib/a.js".to_string())),
+                ("dangling".into(), Some("missing/x".into())),
+                ("lib/a.js".into(), None),
+                ("lib/deep/parent".into(), Some("..".into())),
+                ("lib/deep/up.js".into(), Some("../a.js".into())),
+            ]
+        );
+        assert_eq!(pack(&dir).unwrap().sha256, b.sha256);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn links_outside_and_data_dirs() {
+        let dir = temp("outside");
+        std::fs::write(dir.join("index.js"), "").unwrap();
+        std::os::unix::fs::symlink("../../nowhere/x", dir.join("gone")).unwrap();
+        let e = pack(&dir).err().unwrap().to_string();
+        assert!(
+            e.contains("symlink 'gone' points outside the code directory (to /nowhere/x)"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("gone")).unwrap();
+        std::fs::create_dir_all(dir.join("state/blobs/sha256")).unwrap();
+        std::fs::write(dir.join("state/gust.db"), "").unwrap();
+        std::os::unix::fs::symlink("state/gust.db", dir.join("db")).unwrap();
+        let e = pack(&dir).err().unwrap().to_string();
+        assert!(
+            e.contains("symlink 'db' points into a gust data dir"),
+            "{e}"
+        );
+        std::fs::remove_file(dir.join("db")).unwrap();
+        std::fs::write(dir.join("admin-token"), "t").unwrap();
+        let b = pack(&dir).unwrap();
+        assert_eq!(entries(&b), [("index.js".to_string(), None)]);
+        assert_eq!(b.skipped.len(), 2, "{:?}", b.skipped);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
