@@ -113,6 +113,14 @@ function installLogging() {
   // A closed log pipe must not turn into an uncaught exception loop.
   out.on('error', noop);
   err.on('error', noop);
+  // Back-pressure: libuv makes the pipes non-blocking, and a write that finds a pipe full is
+  // then queued in memory, where a flooding function piles up hundreds of MB that reach gust
+  // late or never (lost with the instance). Blocking writes wait for gust to read instead:
+  // every line is delivered, a flood runs at the speed gust stores it, and the invocation's
+  // lines are all in the pipe before its response is posted.
+  for (const s of [out, err]) {
+    if (s._handle && typeof s._handle.setBlocking === 'function') s._handle.setBlocking(true);
+  }
   console.log = makeLogger(out, 'INFO');
   console.info = makeLogger(out, 'INFO');
   console.debug = makeLogger(out, 'DEBUG');

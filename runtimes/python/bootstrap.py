@@ -1381,7 +1381,19 @@ def _specialize():
     return client
 
 
+def _blocking_stdio():
+    # Back-pressure: writes to a full pipe wait for gust to read (never EAGAIN, which
+    # print() would raise and a logging handler would swallow). The pipes are blocking
+    # unless something in the process changed them; make sure.
+    for fd in (1, 2):
+        try:
+            os.set_blocking(fd, True)
+        except OSError:
+            pass
+
+
 def main():
+    _blocking_stdio()
     _install_stdlib_finder()
     warm = _specialize() if os.environ.get("GUST_PREWARM") == "1" else None
     _setup_sys_path()

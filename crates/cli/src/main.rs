@@ -56,6 +56,18 @@ struct ServeArgs {
     /// Pre-warmed sandboxes kept per built-in runtime (nodejs, python) for fast cold starts.
     #[arg(long, env = "GUST_PREWARM_POOL", default_value_t = 1)]
     prewarm: usize,
+    /// Log lines kept per function (older ones are deleted).
+    #[arg(long, env = "GUST_LOG_FUNCTION_LINES", default_value_t = 100_000)]
+    log_function_lines: u64,
+    /// MiB of log lines kept per function.
+    #[arg(long, env = "GUST_LOG_FUNCTION_MB", default_value_t = 64)]
+    log_function_mb: u64,
+    /// Log lines kept in all.
+    #[arg(long, env = "GUST_LOG_TOTAL_LINES", default_value_t = 200_000)]
+    log_total_lines: u64,
+    /// MiB of log lines kept in all.
+    #[arg(long, env = "GUST_LOG_TOTAL_MB", default_value_t = 256)]
+    log_total_mb: u64,
 }
 
 #[derive(Subcommand)]
@@ -523,6 +535,12 @@ async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Ser
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         sandbox: !args.no_sandbox,
         prewarm: args.prewarm,
+        logs: gust_store::LogLimits {
+            function_lines: args.log_function_lines,
+            function_bytes: args.log_function_mb << 20,
+            total_lines: args.log_total_lines,
+            total_bytes: args.log_total_mb << 20,
+        },
         ..ServerConfig::new(args.listen, cli.data_dir.clone())
     })
     .await?;

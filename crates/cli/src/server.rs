@@ -25,6 +25,8 @@ pub struct ServerConfig {
     pub init_exe: Option<PathBuf>,
     /// Pre-warmed sandboxes per built-in runtime.
     pub prewarm: usize,
+    /// Bounds on stored log lines, per function and in all.
+    pub logs: gust_store::LogLimits,
 }
 
 impl ServerConfig {
@@ -36,6 +38,7 @@ impl ServerConfig {
             sandbox: true,
             init_exe: None,
             prewarm: 1,
+            logs: gust_store::LogLimits::default(),
         }
     }
 }
@@ -120,7 +123,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     let (token, token_created) = store.admin_token().context("load the admin token")?;
     let runtimes = gust_executor::install_runtimes(&store.dir().join("runtimes"))
         .context("install the built-in runtimes into the data dir")?;
-    let logs = store.log_writer().context("start the log writer")?;
+    let logs = store
+        .log_writer_with(cfg.logs)
+        .context("start the log writer")?;
     let init_exe = match cfg.init_exe.clone() {
         Some(p) => p,
         None => std::env::current_exe().context("find the gust executable (sandbox init)")?,

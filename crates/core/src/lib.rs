@@ -479,9 +479,39 @@ pub struct LogRecord {
     pub line: String,
 }
 
+/// The longest log line kept (bytes): a longer one keeps its start and a marker, within it.
+pub const MAX_LOG_LINE: usize = 64 * 1024;
+
+/// Room kept for the marker of a truncated line (the longest is 59 bytes).
+const MARKER_ROOM: usize = 64;
+
+/// If `line` is longer than [`MAX_LOG_LINE`] or lost `dropped` bytes already, cuts it (at a
+/// character boundary) and ends it with ` [gust: line truncated, N bytes dropped]`, all within
+/// [`MAX_LOG_LINE`] bytes.
+pub fn truncate_log_line(line: &mut String, dropped: u64) {
+    if line.len() <= MAX_LOG_LINE && dropped == 0 {
+        return;
+    }
+    let mut cut = line.len().min(MAX_LOG_LINE - MARKER_ROOM);
+    while !line.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let dropped = dropped + (line.len() - cut) as u64;
+    if dropped > 0 {
+        line.truncate(cut);
+        line.push_str(&format!(" [gust: line truncated, {dropped} bytes dropped]"));
+    }
+}
+
 /// Where log lines go (the store's batching writer). Must not block.
 pub trait LogSink: Send + Sync {
     fn emit(&self, record: LogRecord);
+    /// True while the sink is behind: producers that can wait (an instance's output capture)
+    /// stop reading until it catches up, so the function's writes block instead of lines
+    /// being dropped.
+    fn congested(&self) -> bool {
+        false
+    }
 }
 
 /// A sink that drops everything (for tests and tools that don't keep logs).

@@ -12,8 +12,10 @@ use std::sync::{Arc, Mutex};
 use gust_core::{LogRecord, LogSink, now_ms};
 use tokio::net::unix::pipe;
 
-/// Longest line kept whole; longer output is split.
-const MAX_LINE: usize = 64 * 1024;
+/// Longest line kept; the rest of a longer one is counted and dropped, so a 100 MB line is
+/// one stored line (its first 64 KiB and a marker), and a line being read holds at most this
+/// much memory.
+const MAX_LINE: usize = gust_core::MAX_LOG_LINE;
 /// Lambda's `X-Amz-Log-Result` carries the last 4 KB.
 pub(crate) const TAIL_BYTES: usize = 4096;
 /// Lines remembered from init, quoted when init fails.
@@ -31,6 +33,8 @@ pub(crate) struct Capture {
 #[derive(Default)]
 struct Inner {
     partial: [Vec<u8>; 2],
+    /// Bytes of the current line dropped past `MAX_LINE`.
+    overflow: [u64; 2],
     eof: [bool; 2],
     request_id: Option<String>,
     tail: Option<String>,
@@ -68,6 +72,12 @@ impl Capture {
             if out_eof && err_eof {
                 break;
             }
+            // The log writer is behind: leave the output in the pipes, so the function's
+            // writes block (the built-in runtimes write synchronously) instead of lines
+            // being dropped further on.
+            while self.sink.congested() {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
             tokio::select! {
                 r = self.out.readable(), if !out_eof => { if r.is_err() { self.inner().eof[0] = true; } }
                 r = self.err.readable(), if !err_eof => { if r.is_err() { self.inner().eof[1] = true; } }
@@ -78,8 +88,9 @@ impl Capture {
         let mut inner = self.inner();
         for i in 0..2 {
             let rest = std::mem::take(&mut inner.partial[i]);
-            if !rest.is_empty() {
-                self.line(&mut inner, i, &rest);
+            let dropped = std::mem::take(&mut inner.overflow[i]);
+            if !rest.is_empty() || dropped > 0 {
+                self.line(&mut inner, i, &rest, dropped);
             }
         }
     }
@@ -106,24 +117,32 @@ impl Capture {
         while let Some(pos) = data.iter().position(|&b| b == b'\n') {
             let (line, rest) = data.split_at(pos);
             data = &rest[1..];
-            if inner.partial[i].is_empty() {
-                self.line(inner, i, line);
+            if inner.partial[i].is_empty() && inner.overflow[i] == 0 && line.len() <= MAX_LINE {
+                self.line(inner, i, line, 0);
             } else {
                 let mut whole = std::mem::take(&mut inner.partial[i]);
-                whole.extend_from_slice(line);
-                self.line(inner, i, &whole);
+                let mut dropped = std::mem::take(&mut inner.overflow[i]);
+                keep(&mut whole, &mut dropped, line);
+                self.line(inner, i, &whole, dropped);
             }
         }
-        inner.partial[i].extend_from_slice(data);
-        if inner.partial[i].len() >= MAX_LINE {
-            let whole = std::mem::take(&mut inner.partial[i]);
-            self.line(inner, i, &whole);
-        }
+        let Inner {
+            partial, overflow, ..
+        } = inner;
+        keep(&mut partial[i], &mut overflow[i], data);
     }
 
-    fn line(&self, inner: &mut Inner, i: usize, raw: &[u8]) {
-        let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
-        let text = String::from_utf8_lossy(raw).into_owned();
+    /// One line; `dropped`: bytes of it already cut off past `MAX_LINE`.
+    fn line(&self, inner: &mut Inner, i: usize, raw: &[u8], dropped: u64) {
+        let raw = if dropped == 0 {
+            raw.strip_suffix(b"\r").unwrap_or(raw)
+        } else {
+            raw
+        };
+        let mut text = String::from_utf8_lossy(raw).into_owned();
+        if dropped > 0 {
+            gust_core::truncate_log_line(&mut text, dropped);
+        }
         if let Some(tail) = inner.tail.as_mut() {
             push_tail(tail, &text);
         }
@@ -186,6 +205,13 @@ impl Capture {
     pub(crate) fn recent(&self) -> Vec<String> {
         self.inner().recent.iter().cloned().collect()
     }
+}
+
+/// Appends to a line being read what fits under `MAX_LINE`; counts the rest as dropped.
+fn keep(buf: &mut Vec<u8>, dropped: &mut u64, data: &[u8]) {
+    let n = MAX_LINE.saturating_sub(buf.len()).min(data.len());
+    buf.extend_from_slice(&data[..n]);
+    *dropped += (data.len() - n) as u64;
 }
 
 fn push_tail(tail: &mut String, line: &str) {

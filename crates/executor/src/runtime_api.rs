@@ -204,7 +204,13 @@ impl RuntimeApi {
                             if ok {
                                 api.serve_conn(stream).await;
                             } else {
-                                tracing::warn!(%peer, "refused a Runtime API connection that does not come from the instance");
+                                // A function can make these as fast as it likes: a few
+                                // lines per 10 s, then a count.
+                                static REFUSED: gust_core::lograte::LogLimiter =
+                                    gust_core::lograte::LogLimiter::new(10_000, 3);
+                                if let Some(r) = REFUSED.check("refused", gust_core::now_ms()) {
+                                    tracing::warn!(%peer, "refused a Runtime API connection that does not come from the instance{r}");
+                                }
                             }
                         });
                     }

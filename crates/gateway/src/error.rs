@@ -12,6 +12,17 @@ use gust_core::{ErrorClass, InvokeError, lambda};
 use gust_store::StoreError;
 use serde_json::json;
 
+/// Platform faults repeat on every request while their cause lasts (a full disk): a few lines
+/// per kind per 10 s, then a count.
+static PLATFORM_ERRORS: gust_core::lograte::LogLimiter =
+    gust_core::lograte::LogLimiter::new(10_000, 5);
+
+fn log_platform_error(kind: &str, message: &dyn std::fmt::Display) {
+    if let Some(r) = PLATFORM_ERRORS.check(kind, gust_core::now_ms()) {
+        tracing::error!("{kind}: {message}{r}");
+    }
+}
+
 /// An admin API error.
 #[derive(Debug)]
 pub enum ApiError {
@@ -57,7 +68,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "Conflict", m),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", m),
             ApiError::Platform(m) => {
-                tracing::error!("admin API: {m}");
+                log_platform_error("admin API", &m);
                 (StatusCode::INTERNAL_SERVER_ERROR, "Internal", "internal error; see the server log".to_string())
             }
         };
@@ -84,7 +95,7 @@ pub fn enqueue_error(e: &gust_events::EnqueueError, aws: bool) -> Response {
         E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
     };
     if status.is_server_error() {
-        tracing::error!("event store: {e}");
+        log_platform_error("event store", e);
     }
     if aws {
         return aws_error(status, aws_type, &e.to_string());
@@ -151,7 +162,7 @@ pub fn invoke_api_error(e: &InvokeError) -> Response {
             "gust is shutting down; retry on another node",
         ),
         InvokeError::Platform(m) => {
-            tracing::error!("invoke: {m}");
+            log_platform_error("invoke", m);
             aws_error(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "ServiceException",
@@ -171,7 +182,7 @@ pub fn http_error(e: &InvokeError) -> Response {
         }
         (_, InvokeError::ShuttingDown) => (StatusCode::SERVICE_UNAVAILABLE, "Service Unavailable"),
         (ErrorClass::Platform, _) | (_, InvokeError::Platform(_)) => {
-            tracing::error!("http trigger: {e}");
+            log_platform_error("http trigger", e);
             (StatusCode::INTERNAL_SERVER_ERROR, "Internal Server Error")
         }
     };

@@ -17,14 +17,17 @@
 
 mod bundle;
 pub mod events;
+mod logs;
+
+pub use logs::{LogLimits, LogWriter};
 
 use std::fs;
 use std::io::{Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 
-use gust_core::{FunctionSpec, LogRecord, LogSink, QueueSpec, now_ms};
+use gust_core::{FunctionSpec, LogRecord, QueueSpec, now_ms};
 use rusqlite::{Connection, OptionalExtension, params};
 
 #[derive(Debug, thiserror::Error)]
@@ -124,11 +127,6 @@ CREATE TABLE IF NOT EXISTS queues (
   spec TEXT NOT NULL
 );
 ";
-
-/// How long the log writer lets lines gather before a batch insert.
-const BATCH_WAIT_MS: u64 = 20;
-/// How many log lines are kept in all; older ones are pruned by the writer.
-const LOG_RETENTION: i64 = 200_000;
 
 pub(crate) fn open_db(path: &Path) -> Result<Connection> {
     let conn = Connection::open(path)?;
@@ -559,106 +557,23 @@ impl Store {
     }
 
     /// A log sink that batches lines into SQLite on its own thread and connection, so that
-    /// emitting a line on the invocation path costs a channel send.
+    /// emitting a line on the invocation path costs a channel send; storage bounded by the
+    /// default [`LogLimits`].
     pub fn log_writer(&self) -> Result<Arc<LogWriter>> {
+        self.log_writer_with(LogLimits::default())
+    }
+
+    /// [`Store::log_writer`] with these bounds on stored lines.
+    pub fn log_writer_with(&self, limits: LogLimits) -> Result<Arc<LogWriter>> {
         let conn = open_db(&self.dir.join("gust.db"))?;
-        let (tx, rx) = mpsc::channel::<LogMsg>();
-        std::thread::Builder::new()
-            .name("gust-log-writer".into())
-            .spawn(move || write_logs(conn, rx))
-            .map_err(io("spawn log writer"))?;
-        Ok(Arc::new(LogWriter { tx }))
-    }
-}
-
-enum LogMsg {
-    Line(LogRecord),
-    Flush(mpsc::Sender<()>),
-}
-
-pub struct LogWriter {
-    tx: mpsc::Sender<LogMsg>,
-}
-
-impl LogWriter {
-    /// Waits until every line emitted before this call is committed.
-    pub fn flush(&self) {
-        let (tx, rx) = mpsc::channel();
-        let sent = self.tx.send(LogMsg::Flush(tx));
-        if sent.is_ok() {
-            let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
-        }
-    }
-}
-
-impl LogSink for LogWriter {
-    fn emit(&self, record: LogRecord) {
-        let _ = self.tx.send(LogMsg::Line(record));
-    }
-}
-
-fn write_logs(mut conn: Connection, rx: mpsc::Receiver<LogMsg>) {
-    let mut since_prune = 0usize;
-    while let Ok(first) = rx.recv() {
-        // Let a batch gather: while this thread sleeps, senders find no waiting receiver and
-        // skip the futex wake, so the invocation path pays a queue push, not a context switch.
-        if !matches!(first, LogMsg::Flush(_)) {
-            std::thread::sleep(std::time::Duration::from_millis(BATCH_WAIT_MS));
-        }
-        let mut batch = vec![first];
-        while batch.len() < 8192 {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
-        let mut acks = Vec::new();
-        let result = (|| -> rusqlite::Result<()> {
-            let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            {
-                let mut st = tx.prepare_cached(
-                    "INSERT INTO logs (function, ts_ms, request_id, instance, stream, line)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-                )?;
-                for m in batch {
-                    match m {
-                        LogMsg::Line(r) => {
-                            st.execute(params![
-                                r.function,
-                                r.ts_ms,
-                                r.request_id,
-                                r.instance,
-                                r.stream,
-                                r.line
-                            ])?;
-                            since_prune += 1;
-                        }
-                        LogMsg::Flush(ack) => acks.push(ack),
-                    }
-                }
-            }
-            if since_prune > 10_000 {
-                since_prune = 0;
-                tx.execute(
-                    "DELETE FROM logs WHERE id <= (SELECT MAX(id) FROM logs) - ?1",
-                    [LOG_RETENTION],
-                )?;
-            }
-            tx.commit()
-        })();
-        if let Err(e) = result {
-            tracing::warn!("writing logs failed: {e}");
-        }
-        for a in acks {
-            let _ = a.send(());
-        }
+        Ok(Arc::new(LogWriter::start(conn, limits)?))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use gust_core::{Runtime, Scaling};
+    use gust_core::{LogSink, Runtime, Scaling};
     use sha2::{Digest, Sha256};
 
     fn spec(name: &str, service: &str) -> FunctionSpec {
