@@ -1,55 +1,87 @@
 //! A small HTTP client for callbacks and URL destinations (http:// only), and the MD5 the SQS
 //! record carries.
+//!
+//! Every attempt checks the URL again (`Outbound::check`: addresses can change between the
+//! request and the delivery) and connects to exactly the address that was checked: one
+//! connection per attempt, no pool, no redirects.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client as Hyper;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+use hyper_util::rt::TokioIo;
+
+use crate::outbound::Outbound;
 
 pub(crate) struct Client {
-    inner: Hyper<HttpConnector, Full<Bytes>>,
+    outbound: Arc<Outbound>,
 }
 
 /// Attempts per POST, with a short backoff between them.
 const ATTEMPTS: u32 = 3;
+/// The whole exchange of one attempt, connect to the end of the answer's body.
+const EXCHANGE: Duration = Duration::from_secs(10);
 
-impl Client {
-    pub(crate) fn new() -> Client {
-        Client {
-            inner: Hyper::builder(TokioExecutor::new()).build_http(),
+/// Why a POST gave up.
+#[derive(Debug)]
+pub(crate) enum PostError {
+    /// The destination is not one gust may call (nothing was sent).
+    Refused(String),
+    /// Every attempt failed.
+    Failed(String),
+}
+
+impl std::fmt::Display for PostError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PostError::Refused(m) => write!(f, "refused: {m}"),
+            PostError::Failed(m) => f.write_str(m),
         }
     }
+}
 
-    /// POSTs `body`; retried on connection errors and 5xx. Err says why it gave up.
+impl Client {
+    pub(crate) fn new(outbound: Arc<Outbound>) -> Client {
+        Client { outbound }
+    }
+
+    /// POSTs `body`; retried on connection errors and 5xx.
     pub(crate) async fn post(
         &self,
         url: &str,
         headers: Vec<(&str, String)>,
         body: Bytes,
-    ) -> Result<(), String> {
+    ) -> Result<(), PostError> {
         let mut last = String::new();
         for attempt in 0..ATTEMPTS {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << attempt)).await;
             }
-            let mut req = http::Request::post(url);
+            let target = self.outbound.check(url).await.map_err(PostError::Refused)?;
+            let mut req = http::Request::post(target.path.as_str())
+                .header(http::header::HOST, target.authority.as_str());
             for (k, v) in &headers {
                 req = req.header(*k, v.as_str());
             }
             let req = req
                 .body(Full::new(body.clone()))
-                .map_err(|e| format!("bad URL {url}: {e}"))?;
-            // The whole exchange, body included, within the limit.
+                .map_err(|e| PostError::Failed(format!("bad URL {url}: {e}")))?;
             let exchange = async {
-                let resp = self.inner.request(req).await?;
+                let stream = tokio::net::TcpStream::connect(target.addr)
+                    .await
+                    .map_err(|e| format!("connect to {}: {e}", target.addr))?;
+                let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let conn = tokio::spawn(conn);
+                let resp = send.send_request(req).await.map_err(|e| e.to_string())?;
                 let status = resp.status();
                 let _ = resp.into_body().collect().await;
-                Ok::<_, hyper_util::client::legacy::Error>(status)
+                conn.abort();
+                Ok::<_, String>(status)
             };
-            match tokio::time::timeout(Duration::from_secs(10), exchange).await {
+            match tokio::time::timeout(EXCHANGE, exchange).await {
                 Ok(Ok(status)) if status.is_server_error() => {
                     last = format!("{url} answered {status}");
                 }
@@ -58,7 +90,7 @@ impl Client {
                 Err(_) => last = format!("POST {url}: no complete answer within 10 s"),
             }
         }
-        Err(last)
+        Err(PostError::Failed(last))
     }
 }
 

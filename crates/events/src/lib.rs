@@ -11,7 +11,10 @@
 //!   so a slot fires once even across restarts.
 
 mod http;
+pub mod outbound;
 pub mod policy;
+
+pub use outbound::Outbound;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,7 +28,7 @@ use gust_core::{
     QueueSpec, ScheduleSpec, now_ms,
 };
 use gust_store::Store;
-use gust_store::events::{Counts, Event, EventStore, Kind, NewEvent, Settle};
+use gust_store::events::{Backlog, Counts, Event, EventStore, Kind, Limit, NewEvent, Settle};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, oneshot};
 
@@ -42,15 +45,18 @@ pub enum EnqueueError {
     NotFound(String),
     Invalid(String),
     TooLarge(usize),
+    /// The target's backlog is at its limit (429): the message names the limit.
+    Full(String),
     Store(String),
 }
 
 impl std::fmt::Display for EnqueueError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            EnqueueError::NotFound(m) | EnqueueError::Invalid(m) | EnqueueError::Store(m) => {
-                f.write_str(m)
-            }
+            EnqueueError::NotFound(m)
+            | EnqueueError::Invalid(m)
+            | EnqueueError::Full(m)
+            | EnqueueError::Store(m) => f.write_str(m),
             EnqueueError::TooLarge(n) => {
                 write!(f, "the event is {n} bytes; the limit is {MAX_EVENT_BYTES}")
             }
@@ -68,8 +74,33 @@ pub struct Message {
     pub attributes: Value,
 }
 
+/// How the event system runs beyond what manifests say.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Where callbacks and URL destinations may go.
+    pub outbound: Arc<Outbound>,
+    /// Finished events (succeeded, failed, dead) are kept this long for `gust events show`.
+    pub finished_retention: Duration,
+    /// How often finished events and expired queue messages are pruned.
+    pub prune_every: Duration,
+}
+
+/// Default `finished_retention`: a day.
+pub const FINISHED_RETENTION: Duration = Duration::from_secs(24 * 3600);
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            outbound: Arc::new(Outbound::default()),
+            finished_retention: FINISHED_RETENTION,
+            prune_every: Duration::from_secs(60),
+        }
+    }
+}
+
 pub struct Events {
     store: EventStore,
+    options: Options,
     registry: Arc<Store>,
     invoker: Arc<dyn Invoker>,
     lookup: Lookup,
@@ -99,12 +130,22 @@ impl Events {
         invoker: Arc<dyn Invoker>,
         lookup: Lookup,
     ) -> gust_store::Result<Arc<Events>> {
+        Events::with_options(registry, invoker, lookup, Options::default())
+    }
+
+    pub fn with_options(
+        registry: Arc<Store>,
+        invoker: Arc<dyn Invoker>,
+        lookup: Lookup,
+        options: Options,
+    ) -> gust_store::Result<Arc<Events>> {
         Ok(Arc::new(Events {
             store: registry.event_store()?,
             registry,
             invoker,
             lookup,
-            http: http::Client::new(),
+            http: http::Client::new(options.outbound.clone()),
+            options,
             workers: Mutex::new(HashMap::new()),
             scheduler: Arc::new(Notify::new()),
             running: Mutex::new(HashSet::new()),
@@ -120,6 +161,41 @@ impl Events {
         self.refresh();
         let me = self.clone();
         tokio::spawn(async move { me.run_scheduler().await });
+        let me = self.clone();
+        tokio::spawn(async move { me.run_pruner().await });
+    }
+
+    /// Prunes on a schedule: finished events past their retention, queue messages past their
+    /// queue's, then the freed pages go back to the file system.
+    async fn run_pruner(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(self.options.prune_every).await;
+            if self.stopping.load(Ordering::SeqCst) {
+                return;
+            }
+            let now = now_ms();
+            let finished_before =
+                now.saturating_sub(self.options.finished_retention.as_millis() as u64);
+            let queues: Vec<(String, u64)> = self
+                .queues
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|q| (q.name.clone(), now.saturating_sub(q.retention_ms)))
+                .collect();
+            match self
+                .call(move |s, r| s.prune(finished_before, queues, r))
+                .await
+            {
+                Ok(p) if p.finished + p.expired > 0 => tracing::info!(
+                    "event store: pruned {} finished event(s) and {} expired queue message(s)",
+                    p.finished,
+                    p.expired
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!("event store: pruning failed: {e}"),
+            }
+        }
     }
 
     /// After a deploy or removal: start loops for new async backlogs and subscriptions, and
@@ -170,6 +246,27 @@ impl Events {
             .map_err(store_err)
     }
 
+    /// Appends events to one target within its backlog limit; `what` names it in the refusal.
+    async fn append_limited(
+        &self,
+        events: Vec<NewEvent>,
+        limit: Limit,
+        what: &str,
+        key: &str,
+    ) -> Result<(), EnqueueError> {
+        let n = events.len() as u64;
+        let bytes: u64 = events.iter().map(|e| e.payload.len() as u64).sum();
+        match self
+            .call(move |s, r| s.append_limited(events, limit, r))
+            .await?
+        {
+            None => Ok(()),
+            Some(b) => Err(EnqueueError::Full(full_message(
+                what, key, limit, b, n, bytes,
+            ))),
+        }
+    }
+
     async fn call<T: Send + 'static>(
         &self,
         f: impl FnOnce(&EventStore, Box<dyn FnOnce(gust_store::Result<T>) + Send>),
@@ -198,20 +295,26 @@ impl Events {
         callback: Option<String>,
         http: bool,
     ) -> Result<String, EnqueueError> {
-        if (self.lookup)(function).is_none() {
+        let Some(f) = (self.lookup)(function) else {
             return Err(EnqueueError::NotFound(format!(
                 "Function not found: {function}"
             )));
-        }
+        };
         if payload.len() > MAX_EVENT_BYTES {
             return Err(EnqueueError::TooLarge(payload.len()));
         }
-        if let Some(u) = &callback
-            && !u.starts_with("http://")
-        {
-            return Err(EnqueueError::Invalid(format!(
-                "X-Callback-Url {u:?}: must be an http:// URL (https is not supported yet)"
-            )));
+        if let Some(u) = &callback {
+            if !u.starts_with("http://") {
+                return Err(EnqueueError::Invalid(format!(
+                    "X-Callback-Url {u:?}: must be an http:// URL (https is not supported yet)"
+                )));
+            }
+            // Checked now, so the caller hears it, and again at delivery (addresses change).
+            if let Err(why) = self.options.outbound.check(u).await {
+                return Err(EnqueueError::Invalid(format!(
+                    "X-Callback-Url {u:?}: {why}"
+                )));
+            }
         }
         let id = uuid::Uuid::new_v4().to_string();
         let mut attrs = json!({});
@@ -221,7 +324,12 @@ impl Events {
         if http {
             attrs["http"] = Value::Bool(true);
         }
-        self.append(vec![NewEvent {
+        let a = &f.spec.async_config;
+        let limit = Limit {
+            count: a.max_backlog,
+            bytes: a.max_backlog_bytes,
+        };
+        let event = NewEvent {
             id: id.clone(),
             kind: Kind::Async,
             target: function.to_string(),
@@ -229,8 +337,9 @@ impl Events {
             attributes: attrs.to_string(),
             visible_ms: 0,
             source: None,
-        }])
-        .await?;
+        };
+        self.append_limited(vec![event], limit, "function", function)
+            .await?;
         self.wake_async(function);
         Ok(id)
     }
@@ -568,7 +677,7 @@ impl Events {
             self.scheduler.notify_one();
         }
         if let Some((url, record)) = url_record {
-            self.post_record(&url, record).await;
+            self.post_record(&e.id, &url, record).await;
         }
         if let Some(url) = e.attributes.get("callback").and_then(Value::as_str) {
             let http_event = e
@@ -594,6 +703,7 @@ impl Events {
             ];
             if let Err(err) = self.http.post(url, headers, body).await {
                 tracing::warn!("event {}: callback to {url} failed: {err}", e.id);
+                self.note(&e.id, "callback_error", err.to_string()).await;
             }
         }
     }
@@ -639,11 +749,22 @@ impl Events {
     }
 
     /// POSTs an invocation record to a URL destination (best effort: 3 tries).
-    async fn post_record(&self, url: &str, record: Value) {
+    async fn post_record(&self, id: &str, url: &str, record: Value) {
         let body = Bytes::from(record.to_string());
         let headers = vec![("Content-Type", "application/json".to_string())];
         if let Err(e) = self.http.post(url, headers, body).await {
-            tracing::warn!("destination {url}: {e}");
+            tracing::warn!("event {id}: destination {url}: {e}");
+            self.note(id, "destination_error", e.to_string()).await;
+        }
+    }
+
+    /// Records why a callback or URL destination was not delivered, in the event's attributes
+    /// (`gust events show`).
+    async fn note(&self, id: &str, key: &'static str, text: String) {
+        let id = id.to_string();
+        let settle = Settle::Note { key, text };
+        if let Err(e) = self.call(move |s, r| s.settle(vec![(id, settle)], r)).await {
+            tracing::warn!("event store: recording a delivery failure failed: {e}");
         }
     }
 
@@ -655,16 +776,17 @@ impl Events {
         queue: &str,
         messages: Vec<Message>,
     ) -> Result<Vec<String>, EnqueueError> {
-        if !self
+        let Some(spec) = self
             .queues
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .contains_key(queue)
-        {
+            .get(queue)
+            .cloned()
+        else {
             return Err(EnqueueError::NotFound(format!(
                 "queue {queue} is not declared: add [queues.{queue}] to a service's gust.toml and deploy it"
             )));
-        }
+        };
         let now = now_ms();
         let mut ids = Vec::new();
         let mut events = Vec::new();
@@ -689,7 +811,11 @@ impl Events {
                 source: None,
             });
         }
-        self.append(events).await?;
+        let limit = Limit {
+            count: spec.max_backlog,
+            bytes: spec.max_backlog_bytes,
+        };
+        self.append_limited(events, limit, "queue", queue).await?;
         self.wake_queue(queue);
         Ok(ids)
     }
@@ -1151,6 +1277,28 @@ fn schedule_key(s: &ScheduleSpec) -> String {
         s.expression,
         s.timezone.as_deref().unwrap_or("UTC")
     )
+}
+
+/// The refusal of an append past a backlog limit: which limit, what is stored, what came.
+fn full_message(what: &str, name: &str, limit: Limit, now: Backlog, n: u64, bytes: u64) -> String {
+    let table = if what == "queue" {
+        format!("[queues.{name}]")
+    } else {
+        format!("[functions.{name}.async]")
+    };
+    if now.count.saturating_add(n) > limit.count {
+        format!(
+            "{what} {name} has {} events waiting or running, its backlog limit (max_backlog = {} in {table}); retry later",
+            now.count, limit.count
+        )
+    } else {
+        format!(
+            "{what} {name} holds {} bytes of events waiting or running; {bytes} more would pass its backlog limit of {} bytes (max_backlog_mb = {} in {table}); retry later",
+            now.bytes,
+            limit.bytes,
+            limit.bytes >> 20
+        )
+    }
 }
 
 /// FNV-1a, 64 bits.

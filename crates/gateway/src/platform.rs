@@ -18,6 +18,8 @@ pub struct Platform {
     routes: RwLock<Arc<RouteTable>>,
     /// Serialises deploys and removals so that the store, pools and routes change together.
     deploy_lock: tokio::sync::Mutex<()>,
+    /// Where URL destinations may point (checked at deploy, and again at each delivery).
+    outbound: Arc<gust_events::Outbound>,
 }
 
 #[derive(Debug, Serialize)]
@@ -37,12 +39,17 @@ pub struct DeployReport {
 }
 
 impl Platform {
-    pub fn new(store: Arc<Store>, pools: Arc<Pools>) -> Arc<Platform> {
+    pub fn new(
+        store: Arc<Store>,
+        pools: Arc<Pools>,
+        outbound: Arc<gust_events::Outbound>,
+    ) -> Arc<Platform> {
         Arc::new(Platform {
             store,
             pools,
             routes: RwLock::new(Arc::new(RouteTable::default())),
             deploy_lock: tokio::sync::Mutex::new(()),
+            outbound,
         })
     }
 
@@ -179,6 +186,45 @@ impl Platform {
                 check(format!("[queues.{}] dead_letter_queue", q.name), d)?;
             }
         }
+        // Dead letters must end somewhere: no chain of dead-letter queues may come back to a
+        // queue it started from (this service's queues replace what it declared before).
+        let mut dlq: HashMap<String, String> = self
+            .store
+            .queues()?
+            .into_iter()
+            .filter(|q| q.service != manifest.service)
+            .filter_map(|q| Some((q.name, q.dead_letter_queue?)))
+            .collect();
+        dlq.extend(
+            manifest
+                .queues
+                .iter()
+                .filter_map(|q| Some((q.name.clone(), q.dead_letter_queue.clone()?))),
+        );
+        for q in &manifest.queues {
+            if let Some(cycle) = dlq_cycle(&dlq, &q.name) {
+                return Err(ApiError::BadRequest(format!(
+                    "[queues.{}] dead_letter_queue: {} is a cycle (a dead letter would go round it forever): end the chain at a queue with no dead_letter_queue",
+                    q.name,
+                    cycle.join(" → ")
+                )));
+            }
+        }
+        // URL destinations: only where a callback may go (not this host, not a private
+        // network, not gust's own API, unless the operator allows it).
+        for (spec, _) in &specs {
+            let a = &spec.async_config;
+            for (key, d) in [("on_success", &a.on_success), ("on_failure", &a.on_failure)] {
+                if let Some(gust_core::Destination::Url(u)) = d
+                    && let Err(why) = self.outbound.check(u).await
+                {
+                    return Err(ApiError::BadRequest(format!(
+                        "[functions.{}.async] {key} = {u:?}: {why}",
+                        spec.name
+                    )));
+                }
+            }
+        }
         // Unpack every bundle before anything is recorded, so a failure leaves the store and
         // the running pools as they were.
         for (_, sha) in &specs {
@@ -247,5 +293,46 @@ impl Platform {
         }
         self.rebuild_routes();
         Ok(names)
+    }
+}
+
+/// The dead-letter chain from `start`, when it comes back to a queue already on it: the queues
+/// in order, the repeated one last.
+fn dlq_cycle(dlq: &HashMap<String, String>, start: &str) -> Option<Vec<String>> {
+    let mut chain = vec![start.to_string()];
+    let mut at = start;
+    while let Some(next) = dlq.get(at) {
+        let seen = chain.iter().any(|q| q == next);
+        chain.push(next.clone());
+        if seen {
+            return Some(chain);
+        }
+        at = next;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_cycles_are_found() {
+        let map = |pairs: &[(&str, &str)]| -> HashMap<String, String> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect()
+        };
+        let two = map(&[("a", "b"), ("b", "a")]);
+        assert_eq!(dlq_cycle(&two, "a").unwrap(), ["a", "b", "a"]);
+        let three = map(&[("a", "b"), ("b", "c"), ("c", "a")]);
+        assert_eq!(dlq_cycle(&three, "b").unwrap(), ["b", "c", "a", "b"]);
+        // A chain into a cycle it is not part of is reported too.
+        let tail = map(&[("x", "a"), ("a", "b"), ("b", "a")]);
+        assert_eq!(dlq_cycle(&tail, "x").unwrap(), ["x", "a", "b", "a"]);
+        let chain = map(&[("a", "b"), ("b", "c")]);
+        assert_eq!(dlq_cycle(&chain, "a"), None);
+        assert_eq!(dlq_cycle(&chain, "z"), None);
     }
 }

@@ -69,6 +69,9 @@ struct RawManifest {
 struct RawQueue {
     visibility_timeout: Option<Spanned<i64>>,
     dead_letter_queue: Option<Spanned<String>>,
+    max_backlog: Option<Spanned<i64>>,
+    max_backlog_mb: Option<Spanned<i64>>,
+    retention: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -81,6 +84,8 @@ struct RawAsync {
     on_success: Option<Spanned<String>>,
     on_failure: Option<Spanned<String>>,
     dead_letter_queue: Option<Spanned<String>>,
+    max_backlog: Option<Spanned<i64>>,
+    max_backlog_mb: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -215,6 +220,10 @@ fn handler_problem(h: &str, runtime: Runtime) -> Option<&'static str> {
     }
     None
 }
+
+/// Upper bounds of the backlog limits (events, MiB) a manifest may set.
+const MAX_BACKLOG: i64 = 10_000_000;
+const MAX_BACKLOG_MB: i64 = 1024 * 1024;
 
 struct Ctx<'a> {
     file: &'a str,
@@ -578,6 +587,20 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                     on_success: destination(&cx, &a.on_success, "on_success")?,
                     on_failure: destination(&cx, &a.on_failure, "on_failure")?,
                     dead_letter_queue: queue_ref(&cx, &a.dead_letter_queue, "dead_letter_queue")?,
+                    max_backlog: cx.int(
+                        &a.max_backlog,
+                        "max_backlog",
+                        1..=MAX_BACKLOG,
+                        " events",
+                        d.max_backlog,
+                    )?,
+                    max_backlog_bytes: cx.int(
+                        &a.max_backlog_mb,
+                        "max_backlog_mb",
+                        1..=MAX_BACKLOG_MB,
+                        " MiB",
+                        d.max_backlog_bytes >> 20,
+                    )? << 20,
                 }
             }
         };
@@ -723,6 +746,27 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 30u64,
             )? * 1000,
             dead_letter_queue: queue_ref(&cx, &r.dead_letter_queue, "dead_letter_queue")?,
+            max_backlog: cx.int(
+                &r.max_backlog,
+                "max_backlog",
+                1..=MAX_BACKLOG,
+                " messages",
+                gust_core::DEFAULT_MAX_BACKLOG,
+            )?,
+            max_backlog_bytes: cx.int(
+                &r.max_backlog_mb,
+                "max_backlog_mb",
+                1..=MAX_BACKLOG_MB,
+                " MiB",
+                gust_core::DEFAULT_MAX_BACKLOG_BYTES >> 20,
+            )? << 20,
+            retention_ms: cx.int(
+                &r.retention,
+                "retention",
+                1..=1_209_600,
+                " seconds (14 days)",
+                gust_core::DEFAULT_RETENTION_MS / 1000,
+            )? * 1000,
         });
     }
     Ok(Manifest {

@@ -41,6 +41,38 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_due ON events(kind, target, state, visible_ms, seq);
 CREATE INDEX IF NOT EXISTS events_fifo ON events(kind, target, state, seq);
 CREATE INDEX IF NOT EXISTS events_finished ON events(state, updated_ms);
+-- What each target holds in queued and in-flight events (its backlog), kept by triggers in the
+-- same transaction as every change: the backlog limit is checked against it, race-free, in the
+-- writer's transaction.
+CREATE TABLE IF NOT EXISTS backlog (
+  kind TEXT NOT NULL,
+  target TEXT NOT NULL,
+  count INTEGER NOT NULL DEFAULT 0,
+  bytes INTEGER NOT NULL DEFAULT 0,
+  PRIMARY KEY (kind, target)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS backlog_insert AFTER INSERT ON events
+  WHEN NEW.state IN ('queued', 'inflight')
+BEGIN
+  INSERT INTO backlog (kind, target, count, bytes) VALUES (NEW.kind, NEW.target, 1, length(NEW.payload))
+    ON CONFLICT (kind, target) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes;
+END;
+CREATE TRIGGER IF NOT EXISTS backlog_delete AFTER DELETE ON events
+  WHEN OLD.state IN ('queued', 'inflight')
+BEGIN
+  UPDATE backlog SET count = count - 1, bytes = bytes - length(OLD.payload)
+    WHERE kind = OLD.kind AND target = OLD.target;
+END;
+CREATE TRIGGER IF NOT EXISTS backlog_update AFTER UPDATE OF state, target, kind ON events
+  WHEN (OLD.state IN ('queued', 'inflight')) != (NEW.state IN ('queued', 'inflight'))
+    OR OLD.target != NEW.target OR OLD.kind != NEW.kind
+BEGIN
+  UPDATE backlog SET count = count - 1, bytes = bytes - length(OLD.payload)
+    WHERE OLD.state IN ('queued', 'inflight') AND kind = OLD.kind AND target = OLD.target;
+  INSERT INTO backlog (kind, target, count, bytes)
+    SELECT NEW.kind, NEW.target, 1, length(NEW.payload) WHERE NEW.state IN ('queued', 'inflight')
+    ON CONFLICT (kind, target) DO UPDATE SET count = count + 1, bytes = bytes + excluded.bytes;
+END;
 CREATE TABLE IF NOT EXISTS schedules (
   name TEXT PRIMARY KEY,
   next_ms INTEGER,
@@ -138,6 +170,33 @@ pub enum Settle {
         error: Option<String>,
         copy: Option<NewEvent>,
     },
+    /// No change of state: records `text` under `key` in the event's attributes (why a
+    /// callback or URL destination was not delivered).
+    Note { key: &'static str, text: String },
+}
+
+/// A bound on a target's backlog (its queued and in-flight events): an append that would take
+/// it past either number is refused whole.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// A target's backlog: how many queued and in-flight events, and their payload bytes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Backlog {
+    pub count: u64,
+    pub bytes: u64,
+}
+
+/// What one prune removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Pruned {
+    /// Finished events (succeeded, failed, dead) older than the retention.
+    pub finished: u64,
+    /// Queue messages older than their queue's retention.
+    pub expired: u64,
 }
 
 /// Per-state counts.
@@ -165,6 +224,19 @@ pub struct ScheduleState {
 
 enum Op {
     Append(Vec<NewEvent>, Reply<()>),
+    /// Append unless the target's backlog would pass `limit`: Some(backlog) when refused.
+    AppendLimited {
+        events: Vec<NewEvent>,
+        limit: Limit,
+        reply: Reply<Option<Backlog>>,
+    },
+    /// Delete finished events updated before `finished_before_ms`, and the waiting messages of
+    /// each queue created before its cutoff; then give the freed pages back to the file system.
+    Prune {
+        finished_before_ms: u64,
+        queues: Vec<(String, u64)>,
+        reply: Reply<Pruned>,
+    },
     Claim {
         kind: Kind,
         target: String,
@@ -227,7 +299,29 @@ impl EventStore {
     /// Opens the event tables of the database at `path` and starts the writer thread.
     pub fn open(path: &Path) -> Result<EventStore> {
         let conn = open_db(path)?;
+        // Pruned pages go back to the file system (`PRAGMA incremental_vacuum` after each
+        // prune). The mode only takes effect through a VACUUM on a database that already has
+        // tables: done once, the first time this build opens it.
+        let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+        if auto_vacuum != 2 {
+            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+            if let Err(e) = conn.execute_batch("VACUUM") {
+                tracing::warn!(
+                    "event store: VACUUM to enable incremental vacuum failed (the file will not shrink after pruning): {e}"
+                );
+            }
+        }
         conn.execute_batch(SCHEMA)?;
+        // The backlog counts from the events themselves (a database from an older build has
+        // none; a recount also repairs any drift).
+        conn.execute_batch(
+            "BEGIN IMMEDIATE;
+             DELETE FROM backlog;
+             INSERT INTO backlog (kind, target, count, bytes)
+               SELECT kind, target, COUNT(*), COALESCE(SUM(length(payload)), 0) FROM events
+               WHERE state IN ('queued', 'inflight') GROUP BY kind, target;
+             COMMIT;",
+        )?;
         // Whatever ran when the server stopped runs again (at least once).
         let now = now_ms() as i64;
         conn.execute(
@@ -257,6 +351,44 @@ impl EventStore {
     /// Appends events; `done` runs once they are committed (or failed).
     pub fn append(&self, events: Vec<NewEvent>, done: impl FnOnce(Result<()>) + Send + 'static) {
         self.send(Op::Append(events, Box::new(done)));
+    }
+
+    /// Appends events to one target unless its backlog would pass `limit`; `done` gets
+    /// Ok(None) once they are committed, Ok(Some(backlog)) when they were refused (nothing
+    /// stored). The check runs in the writer's transaction, so concurrent appends cannot pass
+    /// the limit together.
+    pub fn append_limited(
+        &self,
+        events: Vec<NewEvent>,
+        limit: Limit,
+        done: impl FnOnce(Result<Option<Backlog>>) + Send + 'static,
+    ) {
+        self.send(Op::AppendLimited {
+            events,
+            limit,
+            reply: Box::new(done),
+        });
+    }
+
+    /// Removes finished events last updated before `finished_before_ms` and, per queue, the
+    /// waiting messages sent before its cutoff (retention); the file shrinks by what they
+    /// freed.
+    pub fn prune(
+        &self,
+        finished_before_ms: u64,
+        queues: Vec<(String, u64)>,
+        done: impl FnOnce(Result<Pruned>) + Send + 'static,
+    ) {
+        self.send(Op::Prune {
+            finished_before_ms,
+            queues,
+            reply: Box::new(done),
+        });
+    }
+
+    /// A target's backlog (queued and in-flight events).
+    pub fn backlog(&self, kind: Kind, target: &str) -> Result<Backlog> {
+        backlog(&self.read(), kind, target)
     }
 
     /// Claims up to `limit` due events of a target: `inflight` until now + `lease_ms`, one more
@@ -429,22 +561,21 @@ impl EventStore {
     }
 }
 
-/// Finished events (succeeded, failed, dead) are kept this long for `gust events show`.
-pub const RETENTION_MS: u64 = 24 * 3600 * 1000;
+fn backlog(db: &Connection, kind: Kind, target: &str) -> Result<Backlog> {
+    Ok(db
+        .prepare_cached("SELECT count, bytes FROM backlog WHERE kind = ?1 AND target = ?2")?
+        .query_row(params![kind.as_str(), target], |r| {
+            Ok(Backlog {
+                count: r.get::<_, i64>(0)?.max(0) as u64,
+                bytes: r.get::<_, i64>(1)?.max(0) as u64,
+            })
+        })
+        .optional()?
+        .unwrap_or_default())
+}
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
-    let mut pruned_at = 0u64;
     while let Ok(first) = rx.recv() {
-        let now = now_ms();
-        if now.saturating_sub(pruned_at) > 60_000 {
-            pruned_at = now;
-            if let Err(e) = conn.execute(
-                "DELETE FROM events WHERE state IN ('succeeded', 'failed', 'dead') AND updated_ms < ?1",
-                [now.saturating_sub(RETENTION_MS) as i64],
-            ) {
-                tracing::warn!("event store: pruning finished events failed: {e}");
-            }
-        }
         let mut batch = vec![first];
         while batch.len() < 4096 {
             match rx.try_recv() {
@@ -453,6 +584,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             }
         }
         let mut replies: Vec<Deferred> = Vec::new();
+        let mut vacuum = false;
         let result = (|| -> Result<()> {
             let mut tx =
                 conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -460,7 +592,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 // Each op in a savepoint: one that fails is rolled back alone (its caller sees
                 // the error when its reply is dropped); the rest of the batch commits.
                 let sp = tx.savepoint()?;
-                match apply(&sp, op, &mut replies) {
+                match apply(&sp, op, &mut replies, &mut vacuum) {
                     Ok(()) => sp.commit()?,
                     Err(e) => tracing::warn!("event store: an operation failed: {e}"),
                 }
@@ -469,14 +601,33 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             Ok(())
         })();
         let err = result.err();
+        if vacuum && err.is_none() {
+            // Outside the transaction: free pages go back to the file system, and the WAL,
+            // which now holds them, is checkpointed and truncated.
+            if let Err(e) = incremental_vacuum(&conn) {
+                tracing::warn!("event store: incremental vacuum failed: {e}");
+            }
+            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
+                tracing::warn!("event store: WAL checkpoint failed: {e}");
+            }
+        }
         for r in replies {
             r(err.as_ref());
         }
     }
 }
 
+/// Gives every free page back to the file system (each step of the pragma frees pages: it runs
+/// until done).
+fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    let mut st = conn.prepare("PRAGMA incremental_vacuum")?;
+    let mut rows = st.query([])?;
+    while rows.next()?.is_some() {}
+    Ok(())
+}
+
 /// Runs one op inside the batch's transaction; its reply is deferred until the commit.
-fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>) -> Result<()> {
+fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>, vacuum: &mut bool) -> Result<()> {
     let now = now_ms() as i64;
     let fail = |e: Option<&StoreError>| e.map(|e| StoreError::Invalid(format!("event store: {e}")));
     match op {
@@ -485,6 +636,52 @@ fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>) -> Result<()> {
                 insert(tx, e, now)?;
             }
             replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(()), Err))));
+        }
+        Op::AppendLimited {
+            events,
+            limit,
+            reply,
+        } => {
+            let refused = match events.first() {
+                None => None,
+                Some(first) => {
+                    let now_b = backlog(tx, first.kind, &first.target)?;
+                    let bytes: u64 = events.iter().map(|e| e.payload.len() as u64).sum();
+                    let over = now_b.count.saturating_add(events.len() as u64) > limit.count
+                        || now_b.bytes.saturating_add(bytes) > limit.bytes;
+                    over.then_some(now_b)
+                }
+            };
+            if refused.is_none() {
+                for e in &events {
+                    insert(tx, e, now)?;
+                }
+            }
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(refused), Err))));
+        }
+        Op::Prune {
+            finished_before_ms,
+            queues,
+            reply,
+        } => {
+            let finished = tx.execute(
+                "DELETE FROM events WHERE state IN ('succeeded', 'failed', 'dead') AND updated_ms < ?1",
+                [finished_before_ms as i64],
+            )? as u64;
+            let mut expired = 0;
+            for (queue, before_ms) in &queues {
+                // Waiting messages only: a batch that is running settles its own.
+                expired += tx
+                    .prepare_cached(
+                        "DELETE FROM events WHERE kind = 'queue' AND target = ?1 AND state = 'queued' AND created_ms < ?2",
+                    )?
+                    .execute(params![queue, *before_ms as i64])? as u64;
+            }
+            if finished + expired > 0 {
+                *vacuum = true;
+            }
+            let pruned = Pruned { finished, expired };
+            replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(pruned), Err))));
         }
         Op::Claim {
             kind,
@@ -615,6 +812,12 @@ fn settle_one(tx: &Connection, id: &str, s: Settle, now: i64) -> Result<()> {
                 insert(tx, &c, now)?;
             }
         }
+        Settle::Note { key, text } => {
+            tx.execute(
+                "UPDATE events SET attributes = json_set(attributes, ?2, ?3) WHERE id = ?1",
+                params![id, format!("$.{key}"), text],
+            )?;
+        }
         Settle::With(inner, extra) => {
             settle_one(tx, id, *inner, now)?;
             for e in &extra {
@@ -717,6 +920,128 @@ mod tests {
         assert_eq!((c.queued, c.inflight, c.succeeded), (2, 0, 1));
         assert_eq!(s.next_due_ms(Kind::Async, "f").unwrap(), Some(0));
         drop(s);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn backlog_limits_count_and_bytes_and_follow_every_change() {
+        let (s, dir) = store();
+        let limit = Limit {
+            count: 3,
+            bytes: 10,
+        };
+        let sized = |id: &str, n: usize| NewEvent {
+            payload: vec![b'x'; n],
+            ..ev(id, 0)
+        };
+        assert_eq!(
+            wait(|r| s.append_limited(vec![sized("a", 2)], limit, r)),
+            None
+        );
+        assert_eq!(
+            wait(|r| s.append_limited(vec![sized("b", 2), sized("c", 2)], limit, r)),
+            None
+        );
+        // The count is reached: refused whole, with what is stored.
+        let full = Backlog { count: 3, bytes: 6 };
+        assert_eq!(
+            wait(|r| s.append_limited(vec![sized("d", 1)], limit, r)),
+            Some(full)
+        );
+        assert!(s.get("d").unwrap().is_none());
+        // Claimed events still count; finished ones do not.
+        let got = wait(|r| s.claim(Kind::Async, "f", 1, 60_000, r));
+        assert_eq!(s.backlog(Kind::Async, "f").unwrap(), full);
+        let done = Settle::Final {
+            state: "succeeded",
+            error: None,
+        };
+        wait(|r| s.settle(vec![(got[0].id.clone(), done)], r));
+        assert_eq!(
+            s.backlog(Kind::Async, "f").unwrap(),
+            Backlog { count: 2, bytes: 4 }
+        );
+        // Bytes: 4 + 7 > 10.
+        assert!(wait(|r| s.append_limited(vec![sized("e", 7)], limit, r)).is_some());
+        assert_eq!(
+            wait(|r| s.append_limited(vec![sized("e", 6)], limit, r)),
+            None
+        );
+        // A recount at open agrees with the triggers.
+        drop(s);
+        let s = EventStore::open(&dir.join("gust.db")).unwrap();
+        assert_eq!(
+            s.backlog(Kind::Async, "f").unwrap(),
+            Backlog {
+                count: 3,
+                bytes: 10
+            }
+        );
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn pruning_removes_finished_and_expired_events_and_shrinks_the_file() {
+        let (s, dir) = store();
+        let big = |id: &str, kind: Kind, target: &str| NewEvent {
+            kind,
+            target: target.into(),
+            payload: vec![7u8; 256 * 1024],
+            ..ev(id, 0)
+        };
+        let ids: Vec<String> = (0..40).map(|i| format!("e{i}")).collect();
+        wait(|r| s.append(ids.iter().map(|id| big(id, Kind::Async, "f")).collect(), r));
+        wait(|r| {
+            s.append(
+                vec![big("m1", Kind::Queue, "q"), big("m2", Kind::Queue, "q2")],
+                r,
+            )
+        });
+        let got = wait(|r| s.claim(Kind::Async, "f", 40, 60_000, r));
+        let done = got
+            .iter()
+            .map(|e| {
+                (
+                    e.id.clone(),
+                    Settle::Final {
+                        state: "succeeded",
+                        error: None,
+                    },
+                )
+            })
+            .collect();
+        wait(|r| s.settle(done, r));
+        let size = || {
+            let f = |n: &str| std::fs::metadata(dir.join(n)).map_or(0, |m| m.len());
+            f("gust.db") + f("gust.db-wal")
+        };
+        let before = size();
+        assert!(before > 10 << 20, "{before}");
+        // q's messages are past its retention, q2's are not.
+        let p = wait(|r| s.prune(now_ms() + 1, vec![("q".into(), now_ms() + 1)], r));
+        assert_eq!(
+            p,
+            Pruned {
+                finished: 40,
+                expired: 1
+            }
+        );
+        assert!(s.get("m1").unwrap().is_none());
+        assert!(s.get("m2").unwrap().is_some());
+        assert_eq!(s.backlog(Kind::Queue, "q").unwrap(), Backlog::default());
+        let after = size();
+        let pages = |p: &str| -> i64 {
+            s.read()
+                .query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert!(
+            after < 2 << 20,
+            "{before} → {after}; pages {}, free {}, auto_vacuum {}",
+            pages("page_count"),
+            pages("freelist_count"),
+            pages("auto_vacuum")
+        );
         let _ = std::fs::remove_dir_all(dir);
     }
 

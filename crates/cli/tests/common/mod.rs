@@ -82,18 +82,20 @@ impl TestServer {
 
     /// A server keeping `prewarm` pre-warmed sandboxes per built-in runtime.
     pub async fn start_with(prewarm: usize) -> TestServer {
+        TestServer::start_config(|c| ServerConfig { prewarm, ..c }).await
+    }
+
+    /// A server whose configuration `f` makes from the tests' default (`config`).
+    pub async fn start_config(f: impl FnOnce(ServerConfig) -> ServerConfig) -> TestServer {
         // RUST_LOG=debug shows the server's log for a failing test.
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
             .try_init();
         let data = TempDir::new("data");
-        let server = server::start(ServerConfig {
-            prewarm,
-            ..config(data.path())
-        })
-        .await
-        .expect("server starts");
+        let server = server::start(f(config(data.path())))
+            .await
+            .expect("server starts");
         let client = Client::new(&server.url(), Some(server.token.clone()));
         let anon = Client::new(&server.url(), None);
         TestServer {
@@ -113,6 +115,18 @@ impl TestServer {
     pub async fn restart(&mut self) {
         self.server.take().unwrap().stop().await;
         let server = start_on(self.data.path()).await;
+        self.client = Client::new(&server.url(), Some(server.token.clone()));
+        self.anon = Client::new(&server.url(), None);
+        self.server = Some(server);
+    }
+
+    /// Stops the server and starts a new one on the same data dir with the configuration `f`
+    /// makes from the tests' default.
+    pub async fn restart_config(&mut self, f: impl FnOnce(ServerConfig) -> ServerConfig) {
+        self.server.take().unwrap().stop().await;
+        let server = server::start(f(config(self.data.path())))
+            .await
+            .expect("server starts");
         self.client = Client::new(&server.url(), Some(server.token.clone()));
         self.anon = Client::new(&server.url(), None);
         self.server = Some(server);
@@ -266,12 +280,14 @@ async fn start_on(dir: &Path) -> Server {
 }
 
 /// The test server's configuration: sandboxed (the gust binary is each sandbox's init), no
-/// pre-warmed pool unless a test asks for one.
+/// pre-warmed pool unless a test asks for one, callbacks allowed to the tests' listeners on
+/// 127.0.0.1.
 pub fn config(dir: &Path) -> ServerConfig {
     ServerConfig {
         shutdown_grace: Duration::from_secs(10),
         init_exe: Some(env!("CARGO_BIN_EXE_gust").into()),
         prewarm: 0,
+        allow_callback: vec!["127.0.0.1".into()],
         ..ServerConfig::new("127.0.0.1:0".parse().unwrap(), dir.to_path_buf())
     }
 }
