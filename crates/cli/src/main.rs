@@ -56,6 +56,24 @@ struct ServeArgs {
     /// Pre-warmed sandboxes kept per built-in runtime (nodejs, python) for fast cold starts.
     #[arg(long, env = "GUST_PREWARM_POOL", default_value_t = 1)]
     prewarm: usize,
+    /// Seconds a connection gets to send a complete request head (from accept, or from the
+    /// first byte of a later request).
+    #[arg(long, env = "GUST_HEADER_TIMEOUT", default_value_t = 10)]
+    header_timeout: u64,
+    /// Seconds a request body may go without data, and the grace before --body-min-rate applies;
+    /// then 408 and the connection is closed.
+    #[arg(long, env = "GUST_BODY_TIMEOUT", default_value_t = 30)]
+    body_timeout: u64,
+    /// Bytes per second a request body must average after the --body-timeout grace (0: none).
+    #[arg(long, env = "GUST_BODY_MIN_RATE", default_value_t = 16384)]
+    body_min_rate: u64,
+    /// Seconds a keep-alive connection may stay idle between requests.
+    #[arg(long, env = "GUST_IDLE_TIMEOUT", default_value_t = 60)]
+    idle_timeout: u64,
+    /// Open HTTP connections at most (default: the open-file limit minus a quarter kept for
+    /// instances, the database and logs).
+    #[arg(long, env = "GUST_MAX_CONNECTIONS")]
+    max_connections: Option<usize>,
     /// Log lines kept per function (older ones are deleted).
     #[arg(long, env = "GUST_LOG_FUNCTION_LINES", default_value_t = 100_000)]
     log_function_lines: u64,
@@ -535,6 +553,13 @@ async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Ser
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
         sandbox: !args.no_sandbox,
         prewarm: args.prewarm,
+        http: gust_gateway::listener::Limits {
+            header_timeout: Duration::from_secs(args.header_timeout),
+            body_timeout: Duration::from_secs(args.body_timeout),
+            body_min_rate: args.body_min_rate,
+            idle_timeout: Duration::from_secs(args.idle_timeout),
+            max_connections: args.max_connections,
+        },
         logs: gust_store::LogLimits {
             function_lines: args.log_function_lines,
             function_bytes: args.log_function_mb << 20,

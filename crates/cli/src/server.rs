@@ -25,6 +25,9 @@ pub struct ServerConfig {
     pub init_exe: Option<PathBuf>,
     /// Pre-warmed sandboxes per built-in runtime.
     pub prewarm: usize,
+    /// The HTTP listener's timeouts and connection cap (`max_connections: None`: sized from the
+    /// open-file limit, see `connection_cap`).
+    pub http: gust_gateway::listener::Limits,
     /// Bounds on stored log lines, per function and in all.
     pub logs: gust_store::LogLimits,
 }
@@ -38,6 +41,7 @@ impl ServerConfig {
             sandbox: true,
             init_exe: None,
             prewarm: 1,
+            http: gust_gateway::listener::Limits::default(),
             logs: gust_store::LogLimits::default(),
         }
     }
@@ -56,12 +60,18 @@ pub struct Server {
     logs: Arc<LogWriter>,
     shutdown: oneshot::Sender<()>,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    http_stats: Arc<gust_gateway::listener::Stats>,
     grace: Duration,
 }
 
 impl Server {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The HTTP listener's counters (open connections, refusals and timeouts).
+    pub fn http_stats(&self) -> &gust_gateway::listener::Stats {
+        &self.http_stats
     }
 
     /// The executor (what isolation instances get; the pre-warmed pool).
@@ -87,6 +97,52 @@ impl Server {
         let logs = self.logs.clone();
         let _ = tokio::task::spawn_blocking(move || logs.flush()).await;
     }
+}
+
+/// Raises the soft open-file limit to the hard one (every connection and instance costs
+/// descriptors; the soft default, often 1024, is what ran out under a flood of idle sockets).
+/// Returns the soft limit in force.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes into the rlimit we pass and keeps no pointer.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return 1024;
+    }
+    let mut target = lim.rlim_max;
+    if target == libc::RLIM_INFINITY {
+        // NOFILE cannot be unlimited; the kernel's ceiling is fs.nr_open.
+        target = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(1 << 20);
+    }
+    if lim.rlim_cur < target {
+        let raised = libc::rlimit {
+            rlim_cur: target,
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: setrlimit reads the rlimit we pass and keeps no pointer.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            tracing::debug!("open-file limit raised from {} to {target}", lim.rlim_cur);
+            return target;
+        }
+        tracing::warn!(
+            "could not raise the open-file limit from {} to {target}: {}",
+            lim.rlim_cur,
+            std::io::Error::last_os_error()
+        );
+    }
+    lim.rlim_cur
+}
+
+/// The default connection cap for an open-file limit: a quarter of the descriptors (at least
+/// 128, at most 16384) stay for instances (pidfds, pipes, sockets), the database and logs.
+pub fn connection_cap(nofile: u64) -> usize {
+    let reserve = (nofile / 4).clamp(128, 16384);
+    nofile.saturating_sub(reserve).max(16) as usize
 }
 
 /// The executor's state for `GET /_gust/v1/status`.
@@ -116,6 +172,18 @@ fn status(ex: &ProcessExecutor) -> serde_json::Value {
 }
 
 pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
+    let nofile = raise_nofile_limit();
+    let mut http_limits = cfg.http.clone();
+    let max_connections = *http_limits
+        .max_connections
+        .get_or_insert_with(|| connection_cap(nofile));
+    if max_connections as u64 >= nofile {
+        tracing::warn!(
+            "--max-connections {max_connections} is not below the open-file limit {nofile}: \
+             a flood of connections can leave no descriptor for instances"
+        );
+    }
+    let http_stats = Arc::new(gust_gateway::listener::Stats::default());
     let store = Arc::new(
         Store::open(&cfg.data_dir)
             .with_context(|| format!("open the data dir {}", cfg.data_dir.display()))?,
@@ -172,23 +240,35 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         base_url: format!("http://{addr}"),
         status: {
             let ex = executor.clone();
-            Arc::new(move || status(&ex))
+            let stats = http_stats.clone();
+            let limits = http_limits.clone();
+            Arc::new(move || {
+                let mut v = status(&ex);
+                v["http"] = serde_json::json!({
+                    "max_connections": limits.max_connections,
+                    "header_timeout_ms": limits.header_timeout.as_millis() as u64,
+                    "body_timeout_ms": limits.body_timeout.as_millis() as u64,
+                    "body_min_rate": limits.body_min_rate,
+                    "idle_timeout_ms": limits.idle_timeout.as_millis() as u64,
+                    "connections": stats.snapshot(),
+                });
+                v
+            })
         },
     });
     // After restore: the dispatchers find functions in the live pools.
     events.start();
     let router = gust_gateway::router(app);
     let (tx, rx) = oneshot::channel::<()>();
-    let http = tokio::spawn(async move {
-        axum::serve(
-            listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async {
+    let http = tokio::spawn(gust_gateway::listener::serve(
+        listener,
+        router,
+        http_limits,
+        http_stats.clone(),
+        async {
             let _ = rx.await;
-        })
-        .await
-    });
+        },
+    ));
     Ok(Server {
         addr,
         token,
@@ -201,6 +281,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         logs,
         shutdown: tx,
         http,
+        http_stats,
         grace: cfg.shutdown_grace,
     })
 }

@@ -15,10 +15,14 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::error::ApiError;
+use crate::listener::BodyBytes;
 use crate::{SharedApp, admin_not_found};
 
 /// Largest code bundle accepted (Lambda: 250 MB unzipped).
 const MAX_BUNDLE: usize = 256 * 1024 * 1024;
+
+/// Largest JSON body of the other admin calls (a manifest, a batch of messages).
+const MAX_ADMIN_BODY: usize = 2 * 1024 * 1024;
 
 fn events_err(e: gust_events::EnqueueError) -> Response {
     crate::error::enqueue_error(&e, false)
@@ -58,7 +62,7 @@ async fn schedules(State(app): State<SharedApp>) -> Response {
 async fn send_messages(
     State(app): State<SharedApp>,
     Path(name): Path<String>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes<MAX_ADMIN_BODY>,
 ) -> Response {
     let hint = "the body must be JSON: {\"body\": \"text\", \"attributes\": {\"k\": {\"stringValue\": \"v\", \"dataType\": \"String\"}}} or {\"messages\": [...]}";
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
@@ -158,8 +162,10 @@ async fn auth(State(app): State<SharedApp>, req: Request, next: Next) -> Respons
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
+        // The scheme is case-insensitive (RFC 7235 §2.1).
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
     match given {
         Some(t) if same(t.as_bytes(), app.token.as_bytes()) => next.run(req).await,
         _ => ApiError::Unauthorized.into_response(),
@@ -293,7 +299,10 @@ fn default_file() -> String {
     "gust.toml".into()
 }
 
-async fn deploy(State(app): State<SharedApp>, body: Bytes) -> Result<Json<Value>, ApiError> {
+async fn deploy(
+    State(app): State<SharedApp>,
+    BodyBytes(body): BodyBytes<MAX_ADMIN_BODY>,
+) -> Result<Json<Value>, ApiError> {
     let body: DeployBody = serde_json::from_slice(&body).map_err(|e| {
         ApiError::BadRequest(format!(
             "deploy body must be JSON {{\"manifest\": \"<gust.toml text>\", \"file\": \"gust.toml\", \"code\": {{\"FUNCTION\": \"<sha256>\"}}}}: {e}"

@@ -204,3 +204,75 @@ pub fn bad_gateway() -> Response {
         json!({ "message": "Internal Server Error" }),
     )
 }
+
+/// Why a request body could not be read (`listener::read_body`).
+#[derive(Debug)]
+pub enum BodyError {
+    /// Over the surface's limit (bytes): 413.
+    TooLarge(usize),
+    /// A malformed chunked encoding, or the connection ended before `Content-Length`: 400.
+    Malformed,
+    /// The body did not arrive within the listener's body timeout: 408.
+    TimedOut,
+}
+
+impl BodyError {
+    /// Sorts a body read error by what is in its source chain.
+    pub fn classify(e: &(dyn std::error::Error + 'static), limit: usize) -> BodyError {
+        let mut cur = Some(e);
+        while let Some(e) = cur {
+            if e.is::<http_body_util::LengthLimitError>() {
+                return BodyError::TooLarge(limit);
+            }
+            if e.is::<crate::listener::BodyTimeout>() {
+                return BodyError::TimedOut;
+            }
+            cur = e.source();
+        }
+        BodyError::Malformed
+    }
+}
+
+/// A request body that could not be read, in the shape of the surface `path` belongs to: the
+/// Invoke API's restJson1 errors, the admin shape for the admin API, `/async/fn` and `/q`, and
+/// API Gateway's `{"message"}` for function routes.
+pub fn body_error(path: &str, e: &BodyError) -> Response {
+    let (status, aws_type, code, message, http) = match e {
+        BodyError::TooLarge(limit) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "RequestTooLargeException",
+            "PayloadTooLarge",
+            format!("the request body is larger than {limit} bytes"),
+            "Request Entity Too Large",
+        ),
+        BodyError::Malformed => (
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            "BadRequest",
+            "the request body is malformed (chunked encoding) or ended before its Content-Length"
+                .to_string(),
+            "Bad Request",
+        ),
+        BodyError::TimedOut => (
+            StatusCode::REQUEST_TIMEOUT,
+            "RequestTimeoutException",
+            "RequestTimeout",
+            "the request body did not arrive in time (see the body timeout in docs/security.md)"
+                .to_string(),
+            "Request Timeout",
+        ),
+    };
+    if path.starts_with("/2015-03-31/") {
+        aws_error(status, aws_type, &message)
+    } else if ["/_gust/", "/q/", "/async/"]
+        .iter()
+        .any(|p| path.starts_with(p))
+    {
+        json_response(
+            status,
+            json!({ "error": { "code": code, "message": message } }),
+        )
+    } else {
+        json_response(status, json!({ "message": http }))
+    }
+}

@@ -100,9 +100,13 @@ pub(crate) async fn invoke(
             }
         },
     };
-    let body = match axum::body::to_bytes(req.into_body(), MAX_PAYLOAD).await {
+    let path = req.uri().path().to_string();
+    let body = match crate::listener::read_body(req.into_body(), MAX_PAYLOAD).await {
         Ok(b) => b,
-        Err(_) => return invoke_api_error(&InvokeError::PayloadTooLarge(MAX_PAYLOAD + 1)),
+        Err(crate::error::BodyError::TooLarge(_)) => {
+            return invoke_api_error(&InvokeError::PayloadTooLarge(MAX_PAYLOAD + 1));
+        }
+        Err(e) => return crate::error::body_error(&path, &e),
     };
     if invocation_type == "DryRun" {
         if app.platform.pools.get(&name).is_none() {

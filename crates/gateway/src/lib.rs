@@ -10,6 +10,7 @@ mod admin;
 pub mod apigw;
 pub mod error;
 mod invoke_api;
+pub mod listener;
 pub mod platform;
 pub mod routes;
 
@@ -103,14 +104,15 @@ async fn async_url(State(app): State<SharedApp>, req: Request) -> Response {
         .map(str::to_string);
     let source_ip = peer(&req);
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, gust_events::MAX_EVENT_BYTES).await {
+    let body = match listener::read_body(body, gust_events::MAX_EVENT_BYTES).await {
         Ok(b) => b,
-        Err(_) => {
+        Err(error::BodyError::TooLarge(_)) => {
             return error::enqueue_error(
                 &gust_events::EnqueueError::TooLarge(gust_events::MAX_EVENT_BYTES + 1),
                 false,
             );
         }
+        Err(e) => return error::body_error(parts.uri.path(), &e),
     };
     let request_id = uuid::Uuid::new_v4().to_string();
     let event = apigw::event(&apigw::HttpRequest {
@@ -153,7 +155,7 @@ async fn async_url(State(app): State<SharedApp>, req: Request) -> Response {
 async fn queue_ingest(
     State(app): State<SharedApp>,
     axum::extract::Path(name): axum::extract::Path<String>,
-    body: axum::body::Bytes,
+    listener::BodyBytes(body): listener::BodyBytes<{ gust_events::MAX_EVENT_BYTES }>,
 ) -> Response {
     let msg = gust_events::Message {
         body,
@@ -193,9 +195,12 @@ async fn http_invoke(
 ) -> Response {
     let source_ip = peer(&req);
     let (parts, body) = req.into_parts();
-    let body = match axum::body::to_bytes(body, MAX_PAYLOAD).await {
+    let body = match listener::read_body(body, MAX_PAYLOAD).await {
         Ok(b) => b,
-        Err(_) => return error::http_error(&InvokeError::PayloadTooLarge(MAX_PAYLOAD + 1)),
+        Err(error::BodyError::TooLarge(_)) => {
+            return error::http_error(&InvokeError::PayloadTooLarge(MAX_PAYLOAD + 1));
+        }
+        Err(e) => return error::body_error(parts.uri.path(), &e),
     };
     let request_id = uuid::Uuid::new_v4().to_string();
     let event = apigw::event(&apigw::HttpRequest {
