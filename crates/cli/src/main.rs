@@ -86,6 +86,13 @@ struct ServeArgs {
     /// MiB of log lines kept in all.
     #[arg(long, env = "GUST_LOG_TOTAL_MB", default_value_t = 256)]
     log_total_mb: u64,
+    /// Hosts, addresses or CIDR ranges that callbacks and URL destinations may reach although
+    /// they are loopback, private, link-local or this host's (repeat, or separate with commas).
+    #[arg(long, env = "GUST_ALLOW_CALLBACK", value_delimiter = ',')]
+    allow_callback: Vec<String>,
+    /// Hours finished async events and schedule runs are kept (for `gust events show`).
+    #[arg(long, env = "GUST_EVENT_RETENTION", default_value_t = 24)]
+    event_retention: u64,
 }
 
 #[derive(Subcommand)]
@@ -566,6 +573,8 @@ async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Ser
             total_lines: args.log_total_lines,
             total_bytes: args.log_total_mb << 20,
         },
+        allow_callback: args.allow_callback.clone(),
+        event_retention: Duration::from_secs(args.event_retention * 3600),
         ..ServerConfig::new(args.listen, cli.data_dir.clone())
     })
     .await?;

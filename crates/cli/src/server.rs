@@ -30,6 +30,13 @@ pub struct ServerConfig {
     pub http: gust_gateway::listener::Limits,
     /// Bounds on stored log lines, per function and in all.
     pub logs: gust_store::LogLimits,
+    /// Hosts and CIDR ranges callbacks and URL destinations may reach although they are
+    /// loopback, private, link-local or this host's (`--allow-callback`).
+    pub allow_callback: Vec<String>,
+    /// How long finished events are kept.
+    pub event_retention: Duration,
+    /// How often finished events and expired queue messages are pruned.
+    pub prune_every: Duration,
 }
 
 impl ServerConfig {
@@ -43,6 +50,9 @@ impl ServerConfig {
             prewarm: 1,
             http: gust_gateway::listener::Limits::default(),
             logs: gust_store::LogLimits::default(),
+            allow_callback: Vec::new(),
+            event_retention: gust_events::FINISHED_RETENTION,
+            prune_every: Duration::from_secs(60),
         }
     }
 }
@@ -184,6 +194,11 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         );
     }
     let http_stats = Arc::new(gust_gateway::listener::Stats::default());
+    let outbound = Arc::new(
+        gust_events::Outbound::new(&cfg.allow_callback)
+            .map_err(anyhow::Error::msg)
+            .context("--allow-callback")?,
+    );
     let store = Arc::new(
         Store::open(&cfg.data_dir)
             .with_context(|| format!("open the data dir {}", cfg.data_dir.display()))?,
@@ -212,7 +227,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     executor.start_prewarm();
     let pools = Pools::new(executor.clone());
     let store_for_events = store.clone();
-    let platform = Platform::new(store, pools.clone());
+    let platform = Platform::new(store, pools.clone(), outbound.clone());
     let listener = tokio::net::TcpListener::bind(cfg.listen)
         .await
         .with_context(|| {
@@ -222,14 +237,26 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
             )
         })?;
     let addr = listener.local_addr()?;
+    // Callbacks and URL destinations never reach gust's own API.
+    outbound.set_listener(addr);
     let functions_restored = platform
         .restore()
         .await
         .map_err(|e| anyhow::anyhow!("restore functions: {e:?}"))?;
-    let events = gust_events::Events::new(store_for_events, pools.clone(), {
-        let pools = pools.clone();
-        Arc::new(move |name: &str| pools.get(name).map(|p| p.function().clone()))
-    })
+    let events_options = gust_events::Options {
+        outbound,
+        finished_retention: cfg.event_retention,
+        prune_every: cfg.prune_every,
+    };
+    let events = gust_events::Events::with_options(
+        store_for_events,
+        pools.clone(),
+        {
+            let pools = pools.clone();
+            Arc::new(move |name: &str| pools.get(name).map(|p| p.function().clone()))
+        },
+        events_options,
+    )
     .context("open the event store")?;
     let app = Arc::new(App {
         events: events.clone(),

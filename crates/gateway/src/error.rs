@@ -31,8 +31,13 @@ pub enum ApiError {
     NotFound(String),
     Conflict(String),
     PayloadTooLarge(String),
+    /// A limit the caller must wait for (a full backlog): 429 with `Retry-After`.
+    TooManyRequests(String),
     Platform(String),
 }
+
+/// Seconds a sender refused for a full backlog is asked to wait.
+const BACKLOG_RETRY_AFTER_SECS: u64 = 1;
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -67,6 +72,7 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(m) => (StatusCode::NOT_FOUND, "NotFound", m),
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "Conflict", m),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", m),
+            ApiError::TooManyRequests(m) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", m),
             ApiError::Platform(m) => {
                 log_platform_error("admin API", &m);
                 (StatusCode::INTERNAL_SERVER_ERROR, "Internal", "internal error; see the server log".to_string())
@@ -80,6 +86,12 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(BACKLOG_RETRY_AFTER_SECS),
+            );
+        }
         r
     }
 }
@@ -92,10 +104,18 @@ pub fn enqueue_error(e: &gust_events::EnqueueError, aws: bool) -> Response {
         E::NotFound(_) => (StatusCode::NOT_FOUND, "ResourceNotFoundException"),
         E::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
         E::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException"),
+        E::Full(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException"),
         E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
     };
     if status.is_server_error() {
         log_platform_error("event store", e);
+    }
+    if aws && let E::Full(m) = e {
+        // Lambda's throttling shape, as for a concurrency throttle.
+        return invoke_api_error(&InvokeError::Throttled {
+            message: m.clone(),
+            retry_after_secs: BACKLOG_RETRY_AFTER_SECS,
+        });
     }
     if aws {
         return aws_error(status, aws_type, &e.to_string());
@@ -104,6 +124,7 @@ pub fn enqueue_error(e: &gust_events::EnqueueError, aws: bool) -> Response {
         E::NotFound(m) => ApiError::NotFound(m.clone()),
         E::Invalid(m) => ApiError::BadRequest(m.clone()),
         E::TooLarge(_) => ApiError::PayloadTooLarge(e.to_string()),
+        E::Full(m) => ApiError::TooManyRequests(m.clone()),
         E::Store(m) => ApiError::Platform(m.clone()),
     };
     api.into_response()
