@@ -16,7 +16,7 @@ DATA=$(mktemp -d)
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 cleanup() { kill "$GUST_PID" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$DATA"; }
 trap cleanup EXIT
-RUST_LOG=warn $BIN --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --prewarm 0 2>"$DATA/server.log" &
+RUST_LOG=warn $BIN --data-dir "$DATA" serve --listen "127.0.0.1:$PORT" --prewarm 0 --allow-callback 127.0.0.1 2>"$DATA/server.log" &
 GUST_PID=$!
 for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/_gust/health" >/dev/null && break; sleep 0.05; done
 GUST_SERVER="http://127.0.0.1:$PORT" GUST_DATA_DIR="$DATA" $BIN deploy bench/events >/dev/null 2>&1

@@ -1054,4 +1054,40 @@ runtime = "provided"
         assert!(check_route_path("/a%20b").is_err());
         assert_eq!(route_shape("/u/{id}/{rest+}"), route_shape("/u/{x}/{y+}"));
     }
+
+    #[test]
+    fn backlog_limits_and_retention_have_defaults_and_ranges() {
+        let src = |q: &str, a: &str| {
+            format!(
+                "[service]\nname = \"s\"\n[queues.q]\n{q}\n[functions.f]\nruntime = \"nodejs\"\nhandler = \"a.b\"\n[functions.f.async]\n{a}\n"
+            )
+        };
+        let m = parse("gust.toml", &src("", "")).unwrap();
+        let (q, a) = (&m.queues[0], &m.functions[0].spec.async_config);
+        assert_eq!(
+            (q.max_backlog, q.max_backlog_bytes, q.retention_ms),
+            (10_000, 256 << 20, 4 * 24 * 3600 * 1000)
+        );
+        assert_eq!((a.max_backlog, a.max_backlog_bytes), (10_000, 256 << 20));
+        let m = parse(
+            "gust.toml",
+            &src(
+                "max_backlog = 5\nmax_backlog_mb = 1\nretention = 60",
+                "max_backlog = 7\nmax_backlog_mb = 2",
+            ),
+        )
+        .unwrap();
+        let (q, a) = (&m.queues[0], &m.functions[0].spec.async_config);
+        assert_eq!(
+            (q.max_backlog, q.max_backlog_bytes, q.retention_ms),
+            (5, 1 << 20, 60_000)
+        );
+        assert_eq!((a.max_backlog, a.max_backlog_bytes), (7, 2 << 20));
+        assert_eq!(
+            err(&src("retention = 0", "")),
+            "retention = 0 at gust.toml:4: must be 1..=1209600 seconds (14 days)"
+        );
+        assert!(err(&src("", "max_backlog = 0")).ends_with("must be 1..=10000000 events"));
+        assert!(err(&src("max_backlog_mb = -1", "")).contains("max_backlog_mb = -1"));
+    }
 }
