@@ -285,6 +285,9 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
     });
     // After restore: the dispatchers find functions in the live pools.
     events.start();
+    executor.set_endpoint(Arc::new(gust_gateway::endpoint::InstanceEndpoint::new(
+        app.clone(),
+    )));
     let router = gust_gateway::router(app);
     let (tx, rx) = oneshot::channel::<()>();
     let http = tokio::spawn(gust_gateway::listener::serve(

@@ -107,6 +107,9 @@ pub struct FunctionSpec {
     pub ephemeral_storage_mb: u32,
     #[serde(default)]
     pub network: Network,
+    /// Private destinations this function's instances may reach besides the internet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub allow_network: Vec<NetAllow>,
     /// How asynchronous invocations of this function are delivered and retried.
     #[serde(default)]
     pub async_config: AsyncConfig,
@@ -270,6 +273,52 @@ pub enum Network {
     #[default]
     Default,
     None,
+}
+
+/// A destination a function may reach although it is private (`allow_network`): a host name
+/// or IPv4 address, and one port or every port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetAllow {
+    pub host: String,
+    pub port: Option<u16>,
+}
+
+impl NetAllow {
+    /// `HOST`, `HOST:PORT`, `IPV4`, `IPV4:PORT`; the error says what is wrong.
+    pub fn parse(s: &str) -> Result<NetAllow, String> {
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => {
+                let port = p
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|p| *p > 0)
+                    .ok_or_else(|| format!("{s:?}: the port must be 1-65535"))?;
+                (h, Some(port))
+            }
+            None => (s, None),
+        };
+        if host.contains(':') || host.starts_with('[') {
+            return Err(format!(
+                "{s:?}: IPv6 destinations are not supported (instances have IPv4 only)"
+            ));
+        }
+        let valid_name = !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            });
+        if !valid_name {
+            return Err(format!(
+                "{s:?}: expected a host name or IPv4 address, optionally with :PORT (\"10.0.0.5:5432\", \"db.internal\")"
+            ));
+        }
+        Ok(NetAllow {
+            host: host.to_ascii_lowercase(),
+            port,
+        })
+    }
 }
 
 /// One deployed version of a function: its spec, where its unpacked code lives, its code hash.

@@ -21,7 +21,7 @@ use gust_core::{
     BoxFuture, Executor, FunctionVersion, INIT_TIMEOUT, InitError, Instance, InstanceOutcome,
     InstanceRequest, LATEST, LogSink, Network, Outcome, Runtime, now_ms,
 };
-use gust_sandbox::{Bind, Host, Limits, Sandbox, Spec};
+use gust_sandbox::{Bind, Host, Limits, NetMode, Sandbox, Spec};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -130,6 +130,13 @@ pub struct ExecutorOptions {
     pub prewarm: usize,
 }
 
+/// Serves the connections an instance makes to gust's endpoint (127.0.0.1:9002 inside its
+/// sandbox): implemented by the gateway, which answers only what instances may call.
+pub trait Endpoint: Send + Sync {
+    /// One accepted connection from an instance of `function`.
+    fn serve(&self, conn: tokio::net::TcpStream, function: &str);
+}
+
 /// Where the built-in runtimes' files are inside a sandbox (Lambda's path).
 const SANDBOX_RUNTIME_DIR: &str = "/var/runtime";
 const SANDBOX_TASK_ROOT: &str = "/var/task";
@@ -156,6 +163,8 @@ pub struct ProcessExecutor {
     warm: Mutex<Vec<(Runtime, Zygote)>>,
     refill: Arc<tokio::sync::Notify>,
     stopping: AtomicBool,
+    /// Set after the gateway exists; instances started before (restore) use it once set.
+    endpoint: Arc<std::sync::OnceLock<Arc<dyn Endpoint>>>,
 }
 
 impl ProcessExecutor {
@@ -269,6 +278,7 @@ impl ProcessExecutor {
             warm: Mutex::new(Vec::new()),
             refill: Arc::new(tokio::sync::Notify::new()),
             stopping: AtomicBool::new(false),
+            endpoint: Arc::new(std::sync::OnceLock::new()),
         }
     }
 
@@ -280,6 +290,20 @@ impl ProcessExecutor {
             .iter()
             .filter(|(r, z)| *r == runtime && z.is_alive())
             .count()
+    }
+
+    /// Who answers instances at gust's endpoint (set once, after the gateway exists).
+    pub fn set_endpoint(&self, endpoint: Arc<dyn Endpoint>) {
+        let _ = self.endpoint.set(endpoint);
+    }
+
+    /// The network a sandbox for this function gets on this host.
+    fn net_mode(&self, network: Network) -> NetMode {
+        match (network, &self.host) {
+            (Network::None, _) => NetMode::Loopback,
+            (Network::Default, Some(h)) if h.net.is_ok() => NetMode::Isolated,
+            _ => NetMode::Host,
+        }
     }
 
     /// What isolation instances get on this host (None: plain processes).
@@ -382,7 +406,7 @@ impl ProcessExecutor {
     }
 
     /// The process environment before any function is known: what every instance gets.
-    fn base_env(&self, api: &str, socket: Option<&str>) -> Vec<(String, String)> {
+    fn base_env(&self, api: &str, socket: Option<&str>, own_netns: bool) -> Vec<(String, String)> {
         let sandboxed = self.host.is_some();
         let mut env: Vec<(String, String)> = vec![
             (
@@ -408,6 +432,12 @@ impl ProcessExecutor {
         if let Some(sock) = socket {
             env.push(("GUST_RUNTIME_API_SOCKET".into(), sock.into()));
         }
+        if own_netns {
+            env.push((
+                "GUST_ENDPOINT_URL".into(),
+                format!("http://127.0.0.1:{}", gust_sandbox::ENDPOINT_PORT),
+            ));
+        }
         env
     }
 
@@ -417,10 +447,11 @@ impl ProcessExecutor {
         api: &str,
         socket: Option<&str>,
         instance: &str,
+        own_netns: bool,
     ) -> Vec<(String, String)> {
         let s = &f.spec;
         let sandboxed = self.host.is_some();
-        let mut env = self.base_env(api, socket);
+        let mut env = self.base_env(api, socket, own_netns);
         env.extend([
             ("_HANDLER".into(), s.handler.clone()),
             (
@@ -534,7 +565,8 @@ impl ProcessExecutor {
         } else {
             (None, None)
         };
-        let own_netns = self.host.is_some() && network == Network::None;
+        let net = self.net_mode(network);
+        let own_netns = self.host.is_some() && net != NetMode::Host;
         let host_tcp = if own_netns {
             None
         } else {
@@ -552,13 +584,14 @@ impl ProcessExecutor {
             None => format!("127.0.0.1:{}", gust_sandbox::NETNS_API_PORT),
         };
         let env = match f {
-            Some(f) => self.environment(f, &api_addr, socket_env.as_deref(), &id),
+            Some(f) => self.environment(f, &api_addr, socket_env.as_deref(), &id, own_netns),
             None => {
-                let mut env = self.base_env(&api_addr, socket_env.as_deref());
+                let mut env = self.base_env(&api_addr, socket_env.as_deref(), own_netns);
                 env.push(("GUST_PREWARM".into(), "1".into()));
                 env
             }
         };
+        let mut endpoint = None;
         let (proc, out, err, tcp, admit) = match &self.host {
             Some(host) => {
                 let limits = limits_of(f);
@@ -585,7 +618,7 @@ impl ProcessExecutor {
                     tmp_mb: f.map_or(gust_core::DEFAULT_EPHEMERAL_STORAGE_MB, |f| {
                         f.spec.ephemeral_storage_mb
                     }) as u64,
-                    network: network == Network::Default,
+                    net,
                     limits,
                 };
                 let spawned = Sandbox::spawn(host, &spec).await.map_err(|m| {
@@ -594,7 +627,11 @@ impl ProcessExecutor {
                         format!("function {name}: cannot start its sandbox: {m}"),
                     )
                 })?;
+                if let Some(f) = f {
+                    allow_network(&spawned.sandbox, f).await?;
+                }
                 let sandbox = Arc::new(spawned.sandbox);
+                endpoint = spawned.endpoint;
                 let (tcp, admit): (Option<TcpListener>, Option<Admit>) = match spawned.listener {
                     Some(l) => {
                         let _ = l.set_nonblocking(true);
@@ -678,6 +715,10 @@ impl ProcessExecutor {
             exited,
             prewarm,
             api_addr,
+            endpoint: endpoint.and_then(|l| {
+                let _ = l.set_nonblocking(true);
+                TcpListener::from_std(l).ok()
+            }),
         })
     }
 
@@ -812,11 +853,13 @@ impl ProcessExecutor {
                     ),
                 )
             })?;
+        allow_network(sb, &f).await?;
         launch.api.set_arn(f.arn());
         let api_addr = launch.api_addr.clone();
         let socket = format!("{}/rt.sock", gust_sandbox::SOCKET_DIR);
+        let own_netns = launch.endpoint.is_some();
         let env: serde_json::Map<String, serde_json::Value> = self
-            .environment(&f, &api_addr, Some(&socket), &launch.id)
+            .environment(&f, &api_addr, Some(&socket), &launch.id, own_netns)
             .into_iter()
             .map(|(k, v)| (k, serde_json::Value::String(v)))
             .collect();
@@ -869,8 +912,16 @@ impl ProcessExecutor {
             err,
             inst_dir,
             exited,
+            endpoint,
             ..
         } = launch;
+        let endpoint_task = endpoint.map(|l| {
+            tokio::spawn(serve_endpoint(
+                l,
+                self.endpoint.clone(),
+                f.spec.name.clone(),
+            ))
+        });
         let capture = Capture::new(out, err, self.sink.clone(), f.spec.name.clone(), id.clone());
         tokio::spawn(capture.clone().run());
         let start = match (&proc, prewarmed) {
@@ -898,6 +949,7 @@ impl ProcessExecutor {
             killed: AtomicBool::new(false),
             init_duration: Mutex::new(None),
             memory: Mutex::new(MemorySample::default()),
+            endpoint_task,
         });
 
         // Init ends at the first /next; it fails on /init/error, on exit, or after INIT_TIMEOUT.
@@ -1022,6 +1074,8 @@ struct Launch {
     prewarm: Option<(oneshot::Receiver<()>, oneshot::Sender<bytes::Bytes>)>,
     /// AWS_LAMBDA_RUNTIME_API as the runtime was started with.
     api_addr: String,
+    /// gust's endpoint inside the sandbox (its own network namespace only).
+    endpoint: Option<TcpListener>,
 }
 
 /// A pre-warmed sandbox (both fields are taken by specialisation; dropping it kills it).
@@ -1142,6 +1196,8 @@ pub struct ProcessInstance {
     /// Set at start; taken by the first invocation's REPORT line.
     init_duration: Mutex<Option<Duration>>,
     memory: Mutex<MemorySample>,
+    /// Accepts the instance's connections to gust's endpoint.
+    endpoint_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 #[derive(Default)]
@@ -1391,6 +1447,9 @@ impl Instance for ProcessInstance {
             .take();
         self.signal_group(libc::SIGKILL);
         self.server.abort();
+        if let Some(t) = &self.endpoint_task {
+            t.abort();
+        }
     }
 }
 
@@ -1399,7 +1458,74 @@ impl Drop for ProcessInstance {
         // Never leave a process behind, whatever path dropped the instance.
         self.signal_group(libc::SIGKILL);
         self.server.abort();
+        if let Some(t) = &self.endpoint_task {
+            t.abort();
+        }
     }
+}
+
+/// Accepts the instance's connections to gust's endpoint for as long as it lives.
+async fn serve_endpoint(
+    l: TcpListener,
+    endpoint: Arc<std::sync::OnceLock<Arc<dyn Endpoint>>>,
+    function: String,
+) {
+    loop {
+        match l.accept().await {
+            Ok((conn, _)) => match endpoint.get() {
+                Some(e) => e.serve(conn, &function),
+                None => drop(conn),
+            },
+            Err(e) => {
+                tracing::debug!("function {function}: endpoint accept: {e}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Resolves the function's `allow_network` and lets its sandbox reach those destinations.
+async fn allow_network(sb: &Sandbox, f: &FunctionVersion) -> Result<(), InitError> {
+    let allow = &f.spec.allow_network;
+    if allow.is_empty() {
+        return Ok(());
+    }
+    let mut dests = Vec::new();
+    for a in allow {
+        let addrs: Vec<std::net::Ipv4Addr> = match a.host.parse::<std::net::Ipv4Addr>() {
+            Ok(ip) => vec![ip],
+            Err(_) => tokio::time::timeout(
+                Duration::from_secs(5),
+                tokio::net::lookup_host((a.host.as_str(), 0)),
+            )
+            .await
+            .map_err(|_| "timed out".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map(|it| {
+                it.filter_map(|s| match s.ip() {
+                    std::net::IpAddr::V4(v4) => Some(v4),
+                    std::net::IpAddr::V6(_) => None,
+                })
+                .collect()
+            })
+            .map_err(|e| {
+                InitError::new(
+                    "Runtime.NetworkAllowError",
+                    format!(
+                        "function {}: allow_network {:?}: cannot resolve it: {e}",
+                        f.spec.name, a.host
+                    ),
+                )
+            })?,
+        };
+        dests.extend(addrs.into_iter().map(|ip| (ip, a.port)));
+    }
+    sb.allow(&dests).map_err(|m| {
+        InitError::new(
+            "Runtime.NetworkAllowError",
+            format!("function {}: allow_network: {m}", f.spec.name),
+        )
+    })
 }
 
 impl Drop for ProcessExecutor {

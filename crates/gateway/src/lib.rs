@@ -8,6 +8,7 @@
 
 mod admin;
 pub mod apigw;
+pub mod endpoint;
 pub mod error;
 mod invoke_api;
 pub mod listener;

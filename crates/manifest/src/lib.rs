@@ -134,6 +134,8 @@ struct RawFunction {
     routes: Vec<Spanned<RawRoute>>,
     ephemeral_storage: Option<Spanned<i64>>,
     network: Option<Spanned<String>>,
+    #[serde(default)]
+    allow_network: Vec<Spanned<String>>,
     #[serde(rename = "async")]
     async_config: Option<Spanned<RawAsync>>,
     #[serde(default)]
@@ -409,6 +411,19 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 }
             },
         };
+        let mut allow_network = Vec::new();
+        for a in &f.allow_network {
+            if network == gust_core::Network::None {
+                return Err(cx.err(
+                    a.span(),
+                    "allow_network with network = \"none\": a function without a network reaches nothing; remove one of them",
+                ));
+            }
+            allow_network.push(
+                gust_core::NetAllow::parse(a.get_ref())
+                    .map_err(|m| cx.err(a.span(), format!("allow_network: {m}")))?,
+            );
+        }
         let timeout = match &f.timeout {
             None => None,
             some => Some(cx.int(some, "timeout", 1..=900, " seconds", 3u32)?),
@@ -719,6 +734,7 @@ pub fn parse(file: &str, src: &str) -> Result<Manifest, ManifestError> {
                 routes,
                 ephemeral_storage_mb,
                 network,
+                allow_network,
                 async_config,
                 subscriptions,
                 schedules,

@@ -12,7 +12,7 @@ use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
 use crate::sys::{self, MOUNT_ATTR_NODEV, MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOSUID, MOUNT_ATTR_RDONLY};
-use crate::{InitConfig, seccomp};
+use crate::{InitConfig, InitNet, netlink, seccomp};
 
 const CTL: RawFd = 3;
 
@@ -68,12 +68,23 @@ fn run(ctl: &UnixStream) -> Result<i32, String> {
         set
     };
     setup_root(&cfg).map_err(|e| format!("sandbox setup: {e}"))?;
-    if !cfg.network {
-        sys::loopback_up().map_err(|e| format!("bring up lo: {e}"))?;
-        let l = std::net::TcpListener::bind(("127.0.0.1", crate::NETNS_API_PORT))
-            .map_err(|e| format!("bind the Runtime API port in the sandbox: {e}"))?;
-        sys::send_with_fd(ctl.as_raw_fd(), b"listen\n", Some(l.as_raw_fd()))
+    if cfg.net != InitNet::Host {
+        network(&cfg.net)?;
+        // The two addresses of gust an instance reaches, on its own loopback: the Runtime API
+        // and gust's endpoint. gust accepts on them; nothing else can connect.
+        for (port, what) in [
+            (crate::NETNS_API_PORT, "listen"),
+            (crate::ENDPOINT_PORT, "endpoint"),
+        ] {
+            let l = std::net::TcpListener::bind(("127.0.0.1", port))
+                .map_err(|e| format!("bind 127.0.0.1:{port} in the sandbox: {e}"))?;
+            sys::send_with_fd(
+                ctl.as_raw_fd(),
+                format!("{what}\n").as_bytes(),
+                Some(l.as_raw_fd()),
+            )
             .map_err(|e| format!("control socket: {e}"))?;
+        }
     }
     let filters = if cfg.seccomp {
         Some(seccomp::filters()?)
@@ -102,6 +113,18 @@ fn run(ctl: &UnixStream) -> Result<i32, String> {
         .write_all(b"ready\n")
         .map_err(|e| format!("control socket: {e}"))?;
     supervise(ctl, &mut buf, pid, &set)
+}
+
+/// Brings up loopback and, with a veth, `eth0`, its address and the default route.
+fn network(net: &InitNet) -> Result<(), String> {
+    sys::loopback_up().map_err(|e| format!("bring up lo: {e}"))?;
+    if let InitNet::Veth { addr, gateway } = net {
+        netlink::add_address("eth0", *addr, 31).map_err(|e| format!("address eth0: {e}"))?;
+        netlink::link_up("eth0").map_err(|e| format!("bring up eth0: {e}"))?;
+        netlink::add_default_route("eth0", *gateway)
+            .map_err(|e| format!("default route via {gateway}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// The runtime process: drops every privilege and execs the runtime. Never returns.

@@ -1,7 +1,8 @@
 //! gust-sandbox: one Linux sandbox per function instance.
 //!
-//! A sandbox is a process tree in its own mount, PID, IPC and UTS namespaces (and network
-//! namespace with `network = "none"`; user namespace when gust is not root), in its own
+//! A sandbox is a process tree in its own mount, PID, IPC, UTS and network namespaces (the
+//! network one joined to the host through [`net`] with outbound access only; user namespace
+//! when gust is not root), in its own
 //! cgroup, whose PID 1 is `gust-init` (the gust binary, see [`init`]). The function's runtime
 //! runs as an unprivileged user with no capabilities, `no_new_privs`, a seccomp filter and
 //! rlimits, on a read-only root holding only the host's system directories, its code at
@@ -14,6 +15,8 @@
 
 mod cgroup;
 pub mod init;
+pub mod net;
+mod netlink;
 pub mod seccomp;
 mod sys;
 
@@ -33,6 +36,9 @@ pub use cgroup::{Cgroup, Layout, MB_PER_VCPU};
 pub const INIT_ARGV0: &str = "gust-init";
 /// The Runtime API port inside a sandbox with its own network namespace.
 pub const NETNS_API_PORT: u16 = 9001;
+/// gust's endpoint for instances (the Invoke API for function-to-function calls), on the
+/// sandbox's own loopback: the one address of gust an instance can reach.
+pub const ENDPOINT_PORT: u16 = 9002;
 /// Where the Runtime API socket directory is mounted inside a sandbox.
 pub const SOCKET_DIR: &str = "/run/gust";
 /// The unprivileged user functions run as when gust is root (nobody).
@@ -74,7 +80,7 @@ pub struct InitConfig {
     /// Paths inside the sandbox hidden under an empty read-only mount.
     pub masks: Vec<PathBuf>,
     pub tmp_mb: u64,
-    pub network: bool,
+    pub net: InitNet,
     pub seccomp: bool,
     /// (uid, gid) to run the runtime as; None keeps the namespace's root (rootless mode).
     pub user: Option<(u32, u32)>,
@@ -100,8 +106,32 @@ pub struct Spec {
     /// Read-write binds (the Runtime API socket directory).
     pub rw_binds: Vec<Bind>,
     pub tmp_mb: u64,
-    pub network: bool,
+    pub net: NetMode,
     pub limits: Limits,
+}
+
+/// Which network a sandbox gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetMode {
+    /// The host's (no network isolation on this host: rootless, or no nftables).
+    Host,
+    /// Its own namespace with only loopback (`network = "none"`).
+    Loopback,
+    /// Its own namespace with outbound access through the host and nothing private
+    /// (`network = "default"`, [`net`]).
+    Isolated,
+}
+
+/// What PID 1 sets up in its network namespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InitNet {
+    Host,
+    Loopback,
+    /// `eth0` (the veth peer) gets `addr/31`, and the default route goes via `gateway`.
+    Veth {
+        addr: std::net::Ipv4Addr,
+        gateway: std::net::Ipv4Addr,
+    },
 }
 
 /// How an instance ended.
@@ -118,6 +148,8 @@ pub struct Host {
     pub rootless: bool,
     pub cgroups: Result<Layout, String>,
     pub seccomp: Result<usize, String>,
+    /// Instance networking (`network = "default"` isolated from the host's services).
+    pub net: Result<net::NetHost, String>,
     init_exe: PathBuf,
     /// Empty directory used as the mount point of every sandbox's root (in its own namespace).
     root_dir: PathBuf,
@@ -149,10 +181,18 @@ impl Host {
         } else {
             Layout::setup()
         };
+        let net = if namespaces.is_err() {
+            Err("no sandbox, so no network namespace".to_string())
+        } else if rootless {
+            Err("not root: a veth pair and the nftables filter need root".to_string())
+        } else {
+            net::NetHost::setup()
+        };
         Host {
             namespaces,
             rootless,
             cgroups,
+            net,
             seccomp: seccomp::filters().map(|_| seccomp::denied_count()),
             init_exe,
             root_dir,
@@ -177,7 +217,8 @@ impl Host {
             "namespaces".into(),
             match &self.namespaces {
                 Ok(()) if self.rootless => ok("mount, pid, ipc, uts (+net for network = \"none\") inside a user namespace (not root)"),
-                Ok(()) => ok("mount, pid, ipc, uts (+net for network = \"none\")"),
+                Ok(()) if self.net.is_err() => ok("mount, pid, ipc, uts (+net for network = \"none\")"),
+                Ok(()) => ok("mount, pid, ipc, uts, net"),
                 Err(e) => format!("NONE: {e} -- functions run as plain processes with NO isolation"),
             },
         ));
@@ -220,10 +261,21 @@ impl Host {
         ));
         out.push((
             "network".into(),
-            if self.sandboxed() {
-                ok("host network by default; network = \"none\" gives a private namespace with only loopback")
-            } else {
-                ok("host network; network = \"none\" is NOT available")
+            match (&self.net, self.sandboxed()) {
+                (Ok(n), _) => {
+                    let mut s = format!(
+                        "own namespace per instance: outbound through the host ({} veth pairs, masquerade); the host's loopback and addresses, other instances, link-local and private ranges refused unless allowed (nftables table inet gust); DNS via {}; gust's endpoint at 127.0.0.1:{ENDPOINT_PORT}; network = \"none\": loopback only",
+                        net::INSTANCE_NET,
+                        if n.dns.is_empty() { "nothing".to_string() } else { n.dns.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ") }
+                    );
+                    for note in &n.notes {
+                        s.push_str("; ");
+                        s.push_str(note);
+                    }
+                    s
+                }
+                (Err(e), true) => format!("NOT ISOLATED: {e} -- network = \"default\" is the host's network (its loopback services included); network = \"none\" gives a private namespace with only loopback"),
+                (Err(_), false) => ok("host network; network = \"none\" is NOT available"),
             },
         ));
         out.push((
@@ -273,9 +325,9 @@ fn try_namespaces(rootless: bool) -> Result<(), String> {
     Ok(())
 }
 
-fn ns_flags(rootless: bool, network: bool) -> u64 {
+fn ns_flags(rootless: bool, host_network: bool) -> u64 {
     let mut f = libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWIPC | libc::CLONE_NEWUTS;
-    if !network {
+    if !host_network {
         f |= libc::CLONE_NEWNET;
     }
     if rootless {
@@ -298,6 +350,8 @@ pub struct Sandbox {
     ctl_buf: Mutex<Vec<u8>>,
     ctl_lock: tokio::sync::Mutex<()>,
     cgroup: Option<Cgroup>,
+    /// Its address and host interface (`NetMode::Isolated`).
+    lease: Option<net::Lease>,
     reaped: AtomicBool,
 }
 
@@ -308,6 +362,8 @@ pub struct Spawned {
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
     pub listener: Option<std::net::TcpListener>,
+    /// gust's endpoint for the instance ([`ENDPOINT_PORT`] on its loopback).
+    pub endpoint: Option<std::net::TcpListener>,
 }
 
 impl Sandbox {
@@ -335,6 +391,10 @@ impl Sandbox {
         // In a new user namespace the child must not exec before its uid is mapped (exec as an
         // unmapped uid drops every capability): it waits for a byte on this pipe.
         let (sync_r, sync_w) = sys::pipe().map_err(io("pipe"))?;
+        let lease = match spec.net {
+            NetMode::Isolated => Some(host.net.as_ref().map_err(String::clone)?.lease()?),
+            _ => None,
+        };
         // The cgroup last: nothing fallible is left between its creation and the clone but
         // opening it, and both failures remove it.
         let cgroup = match &host.cgroups {
@@ -358,7 +418,7 @@ impl Sandbox {
         };
         let mut pidfd: libc::c_int = -1;
         let mut args = sys::CloneArgs {
-            flags: ns_flags(host.rootless, spec.network)
+            flags: ns_flags(host.rootless, spec.net == NetMode::Host)
                 | libc::CLONE_PIDFD as u64
                 | if cg_dir.is_some() {
                     sys::CLONE_INTO_CGROUP
@@ -428,23 +488,31 @@ impl Sandbox {
             ctl_buf: Mutex::new(Vec::new()),
             ctl_lock: tokio::sync::Mutex::new(()),
             cgroup,
+            lease,
             reaped: AtomicBool::new(false),
         };
-        let listener = sandbox.configure(host, spec).await?;
+        let (listener, endpoint) = sandbox.configure(host, spec).await?;
         Ok(Spawned {
             sandbox,
             stdout: out_r,
             stderr: err_r,
             listener,
+            endpoint,
         })
     }
 
+    #[allow(clippy::type_complexity)]
     async fn configure(
         &self,
         host: &Host,
         spec: &Spec,
-    ) -> Result<Option<std::net::TcpListener>, String> {
+    ) -> Result<(Option<std::net::TcpListener>, Option<std::net::TcpListener>), String> {
         let t0 = std::time::Instant::now();
+        // The veth pair before PID 1 reads its configuration: it brings up its end at once.
+        if let Some(l) = &self.lease {
+            l.connect(self.pid)?;
+        }
+        let connected = t0.elapsed();
         if !host.rootless {
             // The OOM killer picks the runtime, never PID 1.
             let _ = std::fs::write(format!("/proc/{}/oom_score_adj", self.pid), "-1000");
@@ -469,7 +537,7 @@ impl Sandbox {
         let attached = t0.elapsed();
         sys::send_with_fd(self.ctl.get_ref().as_raw_fd(), b"go\n", None)
             .map_err(|e| format!("control socket: {e}"))?;
-        let mut listener = None;
+        let (mut listener, mut endpoint) = (None, None);
         loop {
             let (msg, fd) = tokio::time::timeout(Duration::from_secs(10), self.recv_line())
                 .await
@@ -478,15 +546,20 @@ impl Sandbox {
                 "ready" => {
                     tracing::debug!(
                         pid = self.pid,
+                        veth_ms = connected.as_secs_f64() * 1e3,
                         attached_ms = attached.as_secs_f64() * 1e3,
                         ready_ms = t0.elapsed().as_secs_f64() * 1e3,
                         "sandbox ready"
                     );
-                    return Ok(listener);
+                    return Ok((listener, endpoint));
                 }
                 "listen" => {
                     let fd = fd.ok_or("the sandbox sent no listener")?;
                     listener = Some(std::net::TcpListener::from(fd));
+                }
+                "endpoint" => {
+                    let fd = fd.ok_or("the sandbox sent no listener")?;
+                    endpoint = Some(std::net::TcpListener::from(fd));
                 }
                 m => return Err(m.strip_prefix("error ").unwrap_or(m).to_string()),
             }
@@ -538,7 +611,14 @@ impl Sandbox {
             task: spec.task.clone(),
             masks,
             tmp_mb: spec.tmp_mb,
-            network: spec.network,
+            net: match (spec.net, &self.lease) {
+                (NetMode::Host, _) => InitNet::Host,
+                (NetMode::Isolated, Some(l)) => InitNet::Veth {
+                    addr: l.addr,
+                    gateway: l.host_addr,
+                },
+                _ => InitNet::Loopback,
+            },
             seccomp: host.seccomp.is_ok(),
             user: (!host.rootless).then_some((SANDBOX_UID, SANDBOX_GID)),
             nofile: NOFILE,
@@ -680,6 +760,21 @@ impl Sandbox {
             "ok" => Ok(()),
             m => Err(m.strip_prefix("error ").unwrap_or(m).to_string()),
         }
+    }
+
+    /// Lets the instance reach these destinations besides the internet (its manifest's
+    /// `allow_network`, resolved). Only for `NetMode::Isolated`.
+    pub fn allow(&self, dests: &[(std::net::Ipv4Addr, Option<u16>)]) -> Result<(), String> {
+        match &self.lease {
+            Some(l) => l.allow(dests),
+            None if dests.is_empty() => Ok(()),
+            None => Err("allowed destinations need the instance's own network".into()),
+        }
+    }
+
+    /// The instance's address on its veth (`NetMode::Isolated`).
+    pub fn address(&self) -> Option<std::net::Ipv4Addr> {
+        self.lease.as_ref().map(|l| l.addr)
     }
 
     /// Peak memory of the whole sandbox, from its cgroup.

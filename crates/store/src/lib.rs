@@ -585,6 +585,7 @@ mod tests {
             memory_mb: 128,
             ephemeral_storage_mb: 512,
             network: Default::default(),
+            allow_network: Vec::new(),
             async_config: Default::default(),
             subscriptions: Vec::new(),
             schedules: Vec::new(),
