@@ -607,9 +607,13 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             if let Err(e) = incremental_vacuum(&conn) {
                 tracing::warn!("event store: incremental vacuum failed: {e}");
             }
+            // TRUNCATE waits for other writers (the log writer): briefly, since appends wait
+            // behind it; a checkpoint that cannot finish now is done by a later prune.
+            let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
             if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
                 tracing::warn!("event store: WAL checkpoint failed: {e}");
             }
+            let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
         }
         for r in replies {
             r(err.as_ref());
