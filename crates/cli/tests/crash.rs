@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, TempDir};
+use common::{KillOnDrop, TempDir, host_address};
 use gust::client::Client;
 use http::Method;
 
@@ -35,9 +35,10 @@ exports.handler = async (event, context) => {
 };
 "#;
 
-/// Counts ids POSTed to it (one per line).
+/// Counts ids POSTed to it (one per line). It listens on the host's own address, which an
+/// instance reaches only through `allow_network` (its 127.0.0.1 is its own loopback).
 fn sink() -> (String, Arc<Mutex<HashMap<String, u32>>>) {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let l = std::net::TcpListener::bind((host_address().as_str(), 0)).unwrap();
     let url = format!("http://{}/", l.local_addr().unwrap());
     let seen = Arc::new(Mutex::new(HashMap::new()));
     let s2 = seen.clone();
@@ -111,12 +112,16 @@ fn serve(data: &TempDir) -> (KillOnDrop, String) {
 async fn acknowledged_events_survive_sigkill() {
     let data = TempDir::new("crash");
     let (sink_url, seen) = sink();
+    let sink_addr = sink_url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
     let svc = TempDir::new("crash-svc");
     std::fs::write(
         svc.path().join("gust.toml"),
         format!(
             "[service]\nname = \"crash\"\n[queues.load]\nvisibility_timeout = 5\n\
-             [functions.rec]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\nenvironment = {{ SINK = \"{sink_url}\" }}\n\
+             [functions.rec]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\nenvironment = {{ SINK = \"{sink_url}\" }}\nallow_network = [\"{sink_addr}\"]\n\
              [functions.rec.scaling]\nmax_instances = 4\n\
              [[functions.rec.subscriptions]]\nqueue = \"load\"\nbatch_size = 10\n"
         ),

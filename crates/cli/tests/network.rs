@@ -140,13 +140,6 @@ impl Drop for Outside {
     }
 }
 
-/// This host's address on its default route.
-fn host_address() -> String {
-    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
-    s.connect("8.8.8.8:9").unwrap();
-    s.local_addr().unwrap().ip().to_string()
-}
-
 fn probe<'a>(v: &'a Value, k: &str) -> &'a Value {
     &v["probes"][k]
 }

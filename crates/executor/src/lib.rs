@@ -209,6 +209,16 @@ impl ProcessExecutor {
                         "SANDBOX LIMITS NOT ENFORCED: {e} (memory, CPU and pids limits are off; run `gust doctor`)"
                     );
                 }
+                match &h.net {
+                    Err(e) => tracing::warn!(
+                        "NETWORK NOT ISOLATED: {e}. Instances with network = \"default\" share this host's network, its loopback services included; run `gust doctor`"
+                    ),
+                    Ok(n) => {
+                        for note in &n.notes {
+                            tracing::warn!("instances' network: {note}");
+                        }
+                    }
+                }
                 Some(h)
             }
             Some(h) => {

@@ -423,3 +423,11 @@ pub fn manifest(service: &str, name: &str, runtime: &str, handler: &str, extra: 
         "[service]\nname = \"{service}\"\n\n[functions.{name}]\nruntime = \"{runtime}\"\nhandler = \"{handler}\"\n{extra}\n"
     )
 }
+
+/// This host's address on its default route (what an instance must be allowed to reach, with
+/// `allow_network`, to talk to a test's listener: its own 127.0.0.1 is not the host's).
+pub fn host_address() -> String {
+    let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+    s.connect("8.8.8.8:9").unwrap();
+    s.local_addr().unwrap().ip().to_string()
+}
