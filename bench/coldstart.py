@@ -8,6 +8,7 @@ load, the invocation and the HTTP round trip. Each server given is one mode:
   sandbox  namespaces + cgroup + seccomp, no pre-warmed pool (--prewarm 0)
   pool     the same sandbox, specialised from the pre-warmed pool (the pool is refilled
            between samples: the script waits until /_gust/v1/status shows one ready)
+  before-* the same modes served by another (older) gust binary, for a before/after
 Baseline = wall time of `node -e 0` / `python3 -S -c 0` from launch to exit, with a clean
 environment, run with the same interpreter binaries gust resolves.
 Usage: coldstart.py N MODE=URL,TOKEN ...
@@ -53,7 +54,7 @@ def gust_cold(mode, host, token, fn, runtime):
     for _ in range(n):
         s, b = request(host, "POST", f"/_gust/v1/functions/{fn}/recycle", auth)
         assert s == 200, b
-        if mode == "pool":
+        if mode.endswith("pool"):
             wait_pool(host, token, runtime)
         t = time.perf_counter()
         s, b = request(host, "GET", f"/fn/{fn}")

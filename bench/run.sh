@@ -8,6 +8,8 @@
 #    CPU (its cgroup caps it at one vCPU);
 #  - memory per instance: the sandbox's PID 1 (private memory) and gust's own growth per instance.
 # Usage: bash bench/run.sh [seconds-per-warm-run (default 5)] [cold-start samples (default 30)]
+# With GUST_BEFORE_BIN=path/to/an/older/gust, the cold starts of that binary (sandbox, pool) are
+# measured in the same run, as before-sandbox and before-pool.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DUR=${1:-5}
@@ -31,7 +33,7 @@ start_gust() {
   local name=$1; shift
   local port; port=$(free_port)
   mkdir -p "$DATA/$name"
-  RUST_LOG=warn $BIN --data-dir "$DATA/$name" serve --listen "127.0.0.1:$port" "$@" 2>"$DATA/$name.log" &
+  RUST_LOG=warn ${START_BIN:-$BIN} --data-dir "$DATA/$name" serve --listen "127.0.0.1:$port" "$@" 2>"$DATA/$name.log" &
   PIDS+=($!)
   printf -v "PID_$name" %s $!
   for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/_gust/health" >/dev/null && break; sleep 0.05; done
@@ -42,6 +44,12 @@ start_gust() {
 start_gust process --no-sandbox --prewarm 0
 start_gust sandbox --prewarm 0
 start_gust pool --prewarm 1
+BEFORE=()
+if [ -n "${GUST_BEFORE_BIN:-}" ]; then
+  START_BIN=$GUST_BEFORE_BIN start_gust before_sandbox --prewarm 0
+  START_BIN=$GUST_BEFORE_BIN start_gust before_pool --prewarm 1
+  BEFORE=("before-sandbox=$URL_before_sandbox,$TOKEN_before_sandbox" "before-pool=$URL_before_pool,$TOKEN_before_pool")
+fi
 BARE_PORT=$(free_port)
 node bench/bare-node.js "$BARE_PORT" >/dev/null &
 BARE_PID=$!
@@ -56,8 +64,8 @@ echo
 echo "### Cold start (n=$COLD_N)"
 echo
 python3 bench/coldstart.py "$COLD_N" "process=$URL_process,$TOKEN_process" \
-  "sandbox=$URL_sandbox,$TOKEN_sandbox" "pool=$URL_pool,$TOKEN_pool"
-kill "$PID_process" "$PID_sandbox" 2>/dev/null || true
+  "sandbox=$URL_sandbox,$TOKEN_sandbox" "pool=$URL_pool,$TOKEN_pool" ${BEFORE[@]+"${BEFORE[@]}"}
+kill "$PID_process" "$PID_sandbox" ${PID_before_sandbox:-} ${PID_before_pool:-} 2>/dev/null || true
 
 # wrk prints latency percentiles with --latency; pick p50, p99 and requests/s.
 measure() { # url conns
