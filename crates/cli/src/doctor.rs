@@ -7,7 +7,7 @@ pub fn report() -> anyhow::Result<Vec<(String, String)>> {
     let exe = std::env::current_exe().context("find the gust executable")?;
     let work = std::env::temp_dir().join(format!("gust-doctor-{}", std::process::id()));
     std::fs::create_dir_all(&work).with_context(|| format!("create {}", work.display()))?;
-    let host = gust_sandbox::Host::probe(exe, &work, Vec::new());
+    let host = gust_sandbox::Host::probe_with(exe, &work, Vec::new(), false);
     // SAFETY: geteuid has no preconditions.
     let euid = unsafe { libc::geteuid() };
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();

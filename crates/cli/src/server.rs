@@ -225,6 +225,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         },
     ));
     executor.start_prewarm();
+    executor.start_network_watch();
     let pools = Pools::new(executor.clone());
     let store_for_events = store.clone();
     let platform = Platform::new(store, pools.clone(), outbound.clone());

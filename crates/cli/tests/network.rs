@@ -26,6 +26,10 @@ const probe = (host, port) => new Promise((resolve) => {
   s.on("timeout", () => { s.destroy(); resolve({ ok: false, code: "TIMEOUT", ms: Date.now() - t }); });
   s.on("error", (e) => resolve({ ok: false, code: e.code, ms: Date.now() - t }));
 });
+// A connection made while the module loads (init), as code that opens its database at import.
+const initProbe = process.env.INIT_PROBE
+  ? probe(process.env.INIT_PROBE.split(":")[0], Number(process.env.INIT_PROBE.split(":")[1]))
+  : null;
 const call = async (method, url, body) => {
   try {
     const r = await fetch(url, { method, body, signal: AbortSignal.timeout(5000) });
@@ -37,6 +41,7 @@ exports.handler = async (event) => {
   for (const [k, [h, p]] of Object.entries(event.probe || {})) out.probes[k] = await probe(h, p);
   for (const [k, [m, path, body]] of Object.entries(event.call || {}))
     out.calls[k] = await call(m, process.env.GUST_ENDPOINT_URL + path, body);
+  if (initProbe) out.init = await initProbe;
   out.ip = ((os.networkInterfaces().eth0 || [])[0] || {}).address || null;
   out.endpoint = process.env.GUST_ENDPOINT_URL || null;
   out.tcp = fs.readFileSync("/proc/net/tcp", "utf8");
@@ -166,7 +171,10 @@ async fn instances_reach_the_internet_and_nothing_private() {
         "[service]\nname = \"net\"\n\n\
          [functions.allowed]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\nallow_network = [\"10.213.7.2:8080\"]\n\n\
          [functions.plain]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\n\n\
-         [functions.other]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\n",
+         [functions.other]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\n\n\
+         [functions.fresh]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\nallow_network = [\"10.213.7.2:8080\"]\n\
+         ephemeral_storage = 1024\nenvironment = { INIT_PROBE = \"10.213.7.2:8080\" }\n\n\
+         [functions.sealed]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\nnetwork = \"none\"\n",
         &[("index.js", FN)],
     )
     .await;
@@ -203,7 +211,13 @@ async fn instances_reach_the_internet_and_nothing_private() {
         assert!(Instant::now() < deadline, "no pre-warmed sandbox");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // The host side of `other`'s veth pair: an address of the host like any other.
+    let other_gateway = {
+        let ip: std::net::Ipv4Addr = other_ip.parse().unwrap();
+        std::net::Ipv4Addr::from(u32::from(ip) - 1).to_string()
+    };
     let probes = json!({
+        "other_gateway": [other_gateway, any_port],
         "host_loopback": ["127.0.0.1", lo_port],
         "host_address": [host, any_port],
         "host_address_lo_service": [host, lo_port],
@@ -228,6 +242,7 @@ async fn instances_reach_the_internet_and_nothing_private() {
         .await;
     for k in [
         "host_loopback",
+        "other_gateway",
         "host_address",
         "host_address_lo_service",
         "gust_loopback",
@@ -290,6 +305,36 @@ async fn instances_reach_the_internet_and_nothing_private() {
         .await;
     assert_eq!(probe(&v, "internet")["ok"], true, "{v}");
     assert_eq!(probe(&v, "private")["ok"], false, "{v}");
+
+    // A new sandbox (not from the pool) has its allowances before its code runs: the module
+    // connects while it loads.
+    let v = ts.invoke_ok("fresh", "{}").await;
+    assert_eq!(v["init"]["ok"], true, "{v}");
+    // network = "none": no endpoint either.
+    let v = ts.invoke_ok("sealed", "{}").await;
+    assert_eq!(v["endpoint"], Value::Null, "{v}");
+
+    // Something on the host removes the table (`flush ruleset`): gust puts it back, with the
+    // live instances' allowances, within its 5 s check.
+    sh(&["nft", "delete", "table", "inet", "gust"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !Command::new("nft")
+        .args(["list", "table", "inet", "gust"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(Instant::now() < deadline, "the table was not put back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = json!({"probe": {
+        "private_allowed": ["10.213.7.2", 8080],
+        "other_instance": [other_ip, 7000],
+    }});
+    let v = ts.invoke_ok("allowed", &again.to_string()).await;
+    assert_eq!(probe(&v, "private_allowed")["ok"], true, "{v}");
+    assert_eq!(probe(&v, "other_instance")["ok"], false, "{v}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

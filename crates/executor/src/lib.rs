@@ -130,11 +130,16 @@ pub struct ExecutorOptions {
     pub prewarm: usize,
 }
 
-/// Serves the connections an instance makes to gust's endpoint (127.0.0.1:9002 inside its
-/// sandbox): implemented by the gateway, which answers only what instances may call.
+/// Serves gust's endpoint inside an instance (127.0.0.1:9002 in its sandbox): implemented by
+/// the gateway, which answers only what instances may call, with its listener's limits.
 pub trait Endpoint: Send + Sync {
-    /// One accepted connection from an instance of `function`.
-    fn serve(&self, conn: tokio::net::TcpStream, function: &str);
+    /// Accepts and serves the connections of an instance of `function` on `listener`, until
+    /// the returned future is dropped (the instance ends).
+    fn serve(
+        &self,
+        listener: TcpListener,
+        function: &str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 }
 
 /// Where the built-in runtimes' files are inside a sandbox (Lambda's path).
@@ -316,6 +321,46 @@ impl ProcessExecutor {
         }
     }
 
+    /// Every 5 s, checks that the instances' nftables table is still in place and puts it
+    /// back (with every live allowance) if something on the host removed it.
+    pub fn start_network_watch(self: &Arc<Self>) {
+        if self.host.as_ref().is_none_or(|h| h.net.is_err()) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let warn = gust_core::lograte::LogLimiter::new(60_000, 1);
+            loop {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                let Some(ex) = weak.upgrade() else { return };
+                if ex.stopping.load(Ordering::Relaxed) {
+                    return;
+                }
+                let checked = tokio::task::spawn_blocking(move || {
+                    ex.host
+                        .as_ref()
+                        .and_then(|h| h.net.as_ref().ok())
+                        .map(|n| n.check())
+                })
+                .await;
+                match checked {
+                    Ok(Some(Ok(true))) | Ok(None) => {}
+                    Ok(Some(Ok(false))) => tracing::error!(
+                        "the nftables table inet gust was removed (a flush of the host's ruleset?): put back with every live instance's allowances; instances were NOT isolated until now"
+                    ),
+                    Ok(Some(Err(e))) => {
+                        if let Some(r) = warn.check("net-check", now_ms()) {
+                            tracing::error!(
+                                "instances' network filter is missing and cannot be put back: {e}{r}"
+                            );
+                        }
+                    }
+                    Err(_) => {}
+                }
+            }
+        });
+    }
+
     /// What isolation instances get on this host (None: plain processes).
     pub fn host(&self) -> Option<&Host> {
         self.host.as_ref()
@@ -416,7 +461,7 @@ impl ProcessExecutor {
     }
 
     /// The process environment before any function is known: what every instance gets.
-    fn base_env(&self, api: &str, socket: Option<&str>, own_netns: bool) -> Vec<(String, String)> {
+    fn base_env(&self, api: &str, socket: Option<&str>, endpoint: bool) -> Vec<(String, String)> {
         let sandboxed = self.host.is_some();
         let mut env: Vec<(String, String)> = vec![
             (
@@ -442,7 +487,7 @@ impl ProcessExecutor {
         if let Some(sock) = socket {
             env.push(("GUST_RUNTIME_API_SOCKET".into(), sock.into()));
         }
-        if own_netns {
+        if endpoint {
             env.push((
                 "GUST_ENDPOINT_URL".into(),
                 format!("http://127.0.0.1:{}", gust_sandbox::ENDPOINT_PORT),
@@ -457,11 +502,11 @@ impl ProcessExecutor {
         api: &str,
         socket: Option<&str>,
         instance: &str,
-        own_netns: bool,
+        endpoint: bool,
     ) -> Vec<(String, String)> {
         let s = &f.spec;
         let sandboxed = self.host.is_some();
-        let mut env = self.base_env(api, socket, own_netns);
+        let mut env = self.base_env(api, socket, endpoint);
         env.extend([
             ("_HANDLER".into(), s.handler.clone()),
             (
@@ -577,6 +622,17 @@ impl ProcessExecutor {
         };
         let net = self.net_mode(network);
         let own_netns = self.host.is_some() && net != NetMode::Host;
+        let allow = match f {
+            Some(f) if net == NetMode::Isolated => resolve_allowances(f).await?,
+            Some(f) if !f.spec.allow_network.is_empty() && net == NetMode::Host => {
+                tracing::warn!(
+                    "function {name}: allow_network is moot: instances share this host's network here (see `gust doctor`)"
+                );
+                Vec::new()
+            }
+            _ => Vec::new(),
+        };
+        let endpoint = net == NetMode::Isolated;
         let host_tcp = if own_netns {
             None
         } else {
@@ -594,9 +650,9 @@ impl ProcessExecutor {
             None => format!("127.0.0.1:{}", gust_sandbox::NETNS_API_PORT),
         };
         let env = match f {
-            Some(f) => self.environment(f, &api_addr, socket_env.as_deref(), &id, own_netns),
+            Some(f) => self.environment(f, &api_addr, socket_env.as_deref(), &id, endpoint),
             None => {
-                let mut env = self.base_env(&api_addr, socket_env.as_deref(), own_netns);
+                let mut env = self.base_env(&api_addr, socket_env.as_deref(), endpoint);
                 env.push(("GUST_PREWARM".into(), "1".into()));
                 env
             }
@@ -629,6 +685,7 @@ impl ProcessExecutor {
                         f.spec.ephemeral_storage_mb
                     }) as u64,
                     net,
+                    allow,
                     limits,
                 };
                 let spawned = Sandbox::spawn(host, &spec).await.map_err(|m| {
@@ -637,9 +694,6 @@ impl ProcessExecutor {
                         format!("function {name}: cannot start its sandbox: {m}"),
                     )
                 })?;
-                if let Some(f) = f {
-                    allow_network(&spawned.sandbox, f).await?;
-                }
                 let sandbox = Arc::new(spawned.sandbox);
                 endpoint = spawned.endpoint;
                 let (tcp, admit): (Option<TcpListener>, Option<Admit>) = match spawned.listener {
@@ -863,13 +917,19 @@ impl ProcessExecutor {
                     ),
                 )
             })?;
-        allow_network(sb, &f).await?;
+        let allow = resolve_allowances(&f).await?;
+        sb.allow(&allow).await.map_err(|m| {
+            InitError::new(
+                "Runtime.NetworkAllowError",
+                format!("function {}: allow_network: {m}", f.spec.name),
+            )
+        })?;
         launch.api.set_arn(f.arn());
         let api_addr = launch.api_addr.clone();
         let socket = format!("{}/rt.sock", gust_sandbox::SOCKET_DIR);
-        let own_netns = launch.endpoint.is_some();
+        let endpoint = launch.endpoint.is_some();
         let env: serde_json::Map<String, serde_json::Value> = self
-            .environment(&f, &api_addr, Some(&socket), &launch.id, own_netns)
+            .environment(&f, &api_addr, Some(&socket), &launch.id, endpoint)
             .into_iter()
             .map(|(k, v)| (k, serde_json::Value::String(v)))
             .collect();
@@ -1474,34 +1534,27 @@ impl Drop for ProcessInstance {
     }
 }
 
-/// Accepts the instance's connections to gust's endpoint for as long as it lives.
+/// Serves the instance's connections to gust's endpoint for as long as it lives (the gateway
+/// is wired after instances restored at start: wait for it).
 async fn serve_endpoint(
     l: TcpListener,
     endpoint: Arc<std::sync::OnceLock<Arc<dyn Endpoint>>>,
     function: String,
 ) {
     loop {
-        match l.accept().await {
-            Ok((conn, _)) => match endpoint.get() {
-                Some(e) => e.serve(conn, &function),
-                None => drop(conn),
-            },
-            Err(e) => {
-                tracing::debug!("function {function}: endpoint accept: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+        if let Some(e) = endpoint.get() {
+            return e.serve(l, &function).await;
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
-/// Resolves the function's `allow_network` and lets its sandbox reach those destinations.
-async fn allow_network(sb: &Sandbox, f: &FunctionVersion) -> Result<(), InitError> {
-    let allow = &f.spec.allow_network;
-    if allow.is_empty() {
-        return Ok(());
-    }
+/// Resolves the function's `allow_network` (names through the host's resolver, IPv4 only).
+async fn resolve_allowances(
+    f: &FunctionVersion,
+) -> Result<Vec<(std::net::Ipv4Addr, Option<u16>)>, InitError> {
     let mut dests = Vec::new();
-    for a in allow {
+    for a in &f.spec.allow_network {
         let addrs: Vec<std::net::Ipv4Addr> = match a.host.parse::<std::net::Ipv4Addr>() {
             Ok(ip) => vec![ip],
             Err(_) => tokio::time::timeout(
@@ -1509,7 +1562,7 @@ async fn allow_network(sb: &Sandbox, f: &FunctionVersion) -> Result<(), InitErro
                 tokio::net::lookup_host((a.host.as_str(), 0)),
             )
             .await
-            .map_err(|_| "timed out".to_string())
+            .map_err(|_| "timed out after 5 s".to_string())
             .and_then(|r| r.map_err(|e| e.to_string()))
             .map(|it| {
                 it.filter_map(|s| match s.ip() {
@@ -1530,12 +1583,7 @@ async fn allow_network(sb: &Sandbox, f: &FunctionVersion) -> Result<(), InitErro
         };
         dests.extend(addrs.into_iter().map(|ip| (ip, a.port)));
     }
-    sb.allow(&dests).map_err(|m| {
-        InitError::new(
-            "Runtime.NetworkAllowError",
-            format!("function {}: allow_network: {m}", f.spec.name),
-        )
-    })
+    Ok(dests)
 }
 
 impl Drop for ProcessExecutor {

@@ -5,17 +5,19 @@
 //! instance's own network namespace, so every connection comes from that instance: the caller
 //! is known without a credential.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::Router;
 use axum::http::StatusCode;
 use axum::response::Response;
 use axum::routing::post;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 
-use crate::{SharedApp, error, invoke_api};
+use crate::{SharedApp, error, invoke_api, listener};
+
+/// Connections one instance may hold open to the endpoint (each may carry a 6 MB payload).
+const MAX_CONNECTIONS: usize = 16;
 
 /// Which function's instance made a request at the endpoint (a request extension).
 #[derive(Debug, Clone)]
@@ -47,22 +49,29 @@ async fn not_here() -> Response {
 }
 
 impl gust_executor::Endpoint for InstanceEndpoint {
-    fn serve(&self, conn: tokio::net::TcpStream, function: &str) {
+    fn serve(
+        &self,
+        listener: tokio::net::TcpListener,
+        function: &str,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send>> {
         let router = self
             .router
             .clone()
             .layer(axum::Extension(Caller(function.into())));
         let function = function.to_string();
-        tokio::spawn(async move {
-            let service = TowerToHyperService::new(router);
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(Duration::from_secs(30))
-                .serve_connection(TokioIo::new(conn), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!("function {function}: endpoint connection: {e}");
+        // The public listener's limits (header, body and idle timeouts, minimum body rate),
+        // and few connections: one instance runs one invocation at a time.
+        let limits = listener::Limits {
+            max_connections: Some(MAX_CONNECTIONS),
+            ..listener::Limits::default()
+        };
+        Box::pin(async move {
+            let stats = Arc::new(listener::Stats::default());
+            if let Err(e) =
+                listener::serve(listener, router, limits, stats, std::future::pending()).await
+            {
+                tracing::debug!("function {function}: endpoint: {e}");
             }
-        });
+        })
     }
 }

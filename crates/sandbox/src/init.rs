@@ -72,10 +72,15 @@ fn run(ctl: &UnixStream) -> Result<i32, String> {
         network(&cfg.net)?;
         // The two addresses of gust an instance reaches, on its own loopback: the Runtime API
         // and gust's endpoint. gust accepts on them; nothing else can connect.
+        let endpoint = matches!(cfg.net, InitNet::Veth { .. });
         for (port, what) in [
             (crate::NETNS_API_PORT, "listen"),
             (crate::ENDPOINT_PORT, "endpoint"),
         ] {
+            // network = "none" reaches nothing, gust's endpoint included.
+            if what == "endpoint" && !endpoint {
+                continue;
+            }
             let l = std::net::TcpListener::bind(("127.0.0.1", port))
                 .map_err(|e| format!("bind 127.0.0.1:{port} in the sandbox: {e}"))?;
             sys::send_with_fd(

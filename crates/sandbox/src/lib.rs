@@ -107,6 +107,9 @@ pub struct Spec {
     pub rw_binds: Vec<Bind>,
     pub tmp_mb: u64,
     pub net: NetMode,
+    /// Destinations the instance may reach although private (`NetMode::Isolated`), allowed
+    /// before its runtime starts.
+    pub allow: Vec<(std::net::Ipv4Addr, Option<u16>)>,
     pub limits: Limits,
 }
 
@@ -162,6 +165,17 @@ impl Host {
     /// `work_dir` is a private directory of the executor; `masks` are host paths (the data
     /// dir) to hide inside sandboxes.
     pub fn probe(init_exe: PathBuf, work_dir: &Path, masks: Vec<PathBuf>) -> Host {
+        Host::probe_with(init_exe, work_dir, masks, true)
+    }
+
+    /// [`Host::probe`]; with `install` false (`gust doctor`) the host's network configuration
+    /// (nftables, forwarding) is only inspected, never changed.
+    pub fn probe_with(
+        init_exe: PathBuf,
+        work_dir: &Path,
+        masks: Vec<PathBuf>,
+        install: bool,
+    ) -> Host {
         // SAFETY: geteuid has no preconditions.
         let rootless = unsafe { libc::geteuid() } != 0;
         let root_dir = work_dir.join("root");
@@ -186,7 +200,7 @@ impl Host {
         } else if rootless {
             Err("not root: a veth pair and the nftables filter need root".to_string())
         } else {
-            net::NetHost::setup()
+            net::NetHost::setup(install)
         };
         Host {
             namespaces,
@@ -510,7 +524,10 @@ impl Sandbox {
         let t0 = std::time::Instant::now();
         // The veth pair before PID 1 reads its configuration: it brings up its end at once.
         if let Some(l) = &self.lease {
-            l.connect(self.pid)?;
+            let (h, pid) = (l.handle(), self.pid);
+            tokio::task::spawn_blocking(move || h.connect(pid))
+                .await
+                .map_err(|e| e.to_string())??;
         }
         let connected = t0.elapsed();
         if !host.rootless {
@@ -535,6 +552,8 @@ impl Sandbox {
                 .map_err(|e| e.to_string())?;
         }
         let attached = t0.elapsed();
+        // The function's allowances before its code runs (init may connect at once).
+        self.allow(&spec.allow).await?;
         sys::send_with_fd(self.ctl.get_ref().as_raw_fd(), b"go\n", None)
             .map_err(|e| format!("control socket: {e}"))?;
         let (mut listener, mut endpoint) = (None, None);
@@ -764,10 +783,17 @@ impl Sandbox {
 
     /// Lets the instance reach these destinations besides the internet (its manifest's
     /// `allow_network`, resolved). Only for `NetMode::Isolated`.
-    pub fn allow(&self, dests: &[(std::net::Ipv4Addr, Option<u16>)]) -> Result<(), String> {
+    pub async fn allow(&self, dests: &[(std::net::Ipv4Addr, Option<u16>)]) -> Result<(), String> {
+        if dests.is_empty() {
+            return Ok(());
+        }
         match &self.lease {
-            Some(l) => l.allow(dests),
-            None if dests.is_empty() => Ok(()),
+            Some(l) => {
+                let (h, dests) = (l.handle(), dests.to_vec());
+                tokio::task::spawn_blocking(move || h.allow(&dests))
+                    .await
+                    .map_err(|e| e.to_string())?
+            }
             None => Err("allowed destinations need the instance's own network".into()),
         }
     }
