@@ -350,10 +350,8 @@ limits_test!(
         )
         .await;
         let body = "x".repeat(300_000);
-        let mut ids = Vec::new();
-        for _ in 0..3 {
-            let r = ts
-                .anon
+        let send = || async {
+            ts.anon
                 .request(
                     Method::POST,
                     "/q/big",
@@ -361,20 +359,15 @@ limits_test!(
                     bytes::Bytes::from(body.clone()),
                 )
                 .await
-                .unwrap();
+                .unwrap()
+        };
+        let mut ids = Vec::new();
+        for _ in 0..3 {
+            let r = send().await;
             assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
             ids.push(body_json(&r)["id"].as_str().unwrap().to_string());
         }
-        let r = ts
-            .anon
-            .request(
-                Method::POST,
-                "/q/big",
-                &[],
-                bytes::Bytes::from(body.clone()),
-            )
-            .await
-            .unwrap();
+        let r = send().await;
         assert_eq!(r.status, 429);
         assert!(r.headers.contains_key("retry-after"));
         let v = body_json(&r);

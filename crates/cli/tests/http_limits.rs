@@ -8,9 +8,8 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, TempDir, TestServer, config, manifest};
-use gust::client::Client;
-use gust::server::{self, ServerConfig};
+use common::{KillOnDrop, TempDir, TestServer, manifest};
+use gust::server::ServerConfig;
 use gust_gateway::listener::Limits;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -23,12 +22,7 @@ const IDLE: Duration = Duration::from_secs(3);
 const SLACK: Duration = Duration::from_millis(1500);
 
 async fn start(max_connections: Option<usize>) -> TestServer {
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-        .with_test_writer()
-        .try_init();
-    let data = TempDir::new("http-limits");
-    let server = server::start(ServerConfig {
+    TestServer::start_config(|c| ServerConfig {
         http: Limits {
             header_timeout: HEADER,
             body_timeout: BODY,
@@ -36,19 +30,9 @@ async fn start(max_connections: Option<usize>) -> TestServer {
             max_connections,
             ..Limits::default()
         },
-        ..config(data.path())
+        ..c
     })
     .await
-    .expect("server starts");
-    let client = Client::new(&server.url(), Some(server.token.clone()));
-    let anon = Client::new(&server.url(), None);
-    TestServer {
-        server: Some(server),
-        client,
-        anon,
-        data,
-        dirs: Vec::new(),
-    }
 }
 
 fn addr(ts: &TestServer) -> SocketAddr {

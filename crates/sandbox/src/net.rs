@@ -68,6 +68,9 @@ pub struct NetHost {
     nft: PathBuf,
     guard: bool,
     allowed: Allowed,
+    /// The nonce of the table as this process last saw it: another one means the table was
+    /// put back by someone else (another gust), without this process's allowances.
+    seen: Mutex<String>,
 }
 
 /// One instance's slot: its addresses and host interface, and the destinations it was allowed.
@@ -111,13 +114,14 @@ impl NetHost {
                 nft,
                 guard: enabled_here,
                 allowed: Arc::default(),
+                seen: Mutex::new(String::new()),
             });
         }
-        let guard = {
+        let (guard, nonce) = {
             let _lock = table_lock(&lock_dir)?;
-            let guard = install(&nft, &dns, enabled_here, &HashMap::new())?;
+            let installed = install(&nft, &dns, enabled_here, &HashMap::new())?;
             collect_stale(&nft);
-            guard
+            installed
         };
         if enabled_here {
             std::fs::write("/proc/sys/net/ipv4/ip_forward", "1")
@@ -132,6 +136,7 @@ impl NetHost {
             nft,
             guard,
             allowed: Arc::default(),
+            seen: Mutex::new(nonce),
         })
     }
 
@@ -139,9 +144,14 @@ impl NetHost {
     /// `nft delete table`), installs it again with every live instance's allowances. Blocking
     /// (runs `nft`): call it off the async workers, every few seconds.
     pub fn check(&self) -> Result<bool, String> {
-        let present = run_nft(&self.nft, &["list", "table", "inet", "gust"], None)
-            .is_ok_and(|t| is_current(&t));
-        if present {
+        let listed = run_nft(&self.nft, &["list", "table", "inet", "gust"], None);
+        let nonce = listed
+            .as_ref()
+            .ok()
+            .filter(|t| is_current(t))
+            .map(|t| nonce_of(t));
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        if nonce.as_deref() == Some(seen.as_str()) {
             return Ok(true);
         }
         let _lock = table_lock(&self.lock_dir)?;
@@ -150,7 +160,21 @@ impl NetHost {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        install(&self.nft, &self.dns, self.guard, &live)?;
+        match nonce {
+            // Put back by another gust process: add this one's allowances to it.
+            Some(n) => {
+                let script: String = live
+                    .values()
+                    .flatten()
+                    .map(|e| format!("add element inet gust {e}\n"))
+                    .collect();
+                if !script.is_empty() {
+                    run_nft(&self.nft, &["-f", "-"], Some(&script))?;
+                }
+                *seen = n;
+            }
+            None => *seen = install(&self.nft, &self.dns, self.guard, &live)?.1,
+        }
         Ok(false)
     }
 
@@ -358,21 +382,32 @@ fn is_current(table: &str) -> bool {
     table.contains(&format!("comment \"{VERSION}:"))
 }
 
+/// The nonce in the table's comment (`… [nonce] …`), which each installation changes.
+fn nonce_of(table: &str) -> String {
+    table
+        .split_once(" [")
+        .and_then(|(_, rest)| rest.split_once(']'))
+        .map(|(n, _)| n.to_string())
+        .unwrap_or_default()
+}
+
 /// Installs the table unless the current version is there (the caller holds the table lock);
-/// returns whether it has the forwarding guard. `live` allowances are added back.
+/// returns whether it has the forwarding guard, and its nonce. `live` allowances are added.
 fn install(
     nft: &Path,
     dns: &[Ipv4Addr],
     enabled_here: bool,
     live: &HashMap<String, Vec<String>>,
-) -> Result<bool, String> {
+) -> Result<(bool, String), String> {
     let existing = run_nft(nft, &["list", "table", "inet", "gust"], None);
     let has_guard = existing
         .as_ref()
         .is_ok_and(|t| t.contains("gust: not an instance"));
     let guard = enabled_here || has_guard;
     let mut script = String::new();
-    if existing.as_ref().is_ok_and(|t| is_current(t)) {
+    let nonce;
+    if let Some(t) = existing.as_ref().ok().filter(|t| is_current(t)) {
+        nonce = nonce_of(t);
         // The nameservers may have changed since the table was made.
         script.push_str("flush set inet gust dns\n");
         if !dns.is_empty() {
@@ -382,14 +417,15 @@ fn install(
         if existing.is_ok() {
             script.push_str("delete table inet gust\n");
         }
-        script.push_str(&ruleset(dns, guard));
+        nonce = format!("{:016x}", fastrand::u64(..));
+        script.push_str(&ruleset(dns, guard, &nonce));
     }
     for e in live.values().flatten() {
         script.push_str(&format!("add element inet gust {e}\n"));
     }
     run_nft(nft, &["-f", "-"], Some(&script))
         .map_err(|e| format!("install the nftables table inet gust: {e}"))?;
-    Ok(guard)
+    Ok((guard, nonce))
 }
 
 fn join(ips: &[Ipv4Addr]) -> String {
@@ -401,7 +437,7 @@ fn join(ips: &[Ipv4Addr]) -> String {
 
 /// The whole table. Order in each chain matters: replies first, then what the manifest
 /// allows, DNS, the refusals, and everything else (the internet) last.
-fn ruleset(dns: &[Ipv4Addr], guard: bool) -> String {
+fn ruleset(dns: &[Ipv4Addr], guard: bool, nonce: &str) -> String {
     let dns_elements = if dns.is_empty() {
         String::new()
     } else {
@@ -414,7 +450,7 @@ fn ruleset(dns: &[Ipv4Addr], guard: bool) -> String {
     };
     format!(
         r#"table inet gust {{
-  comment "{VERSION}: instances' network (gust serve); see docs/SANDBOX.md"
+  comment "{VERSION}: instances' network (gust serve) [{nonce}]; see docs/SANDBOX.md"
   set allow_port {{ type ifname . ipv4_addr . inet_service; }}
   set allow_host {{ type ifname . ipv4_addr; }}
   set dns {{ type ipv4_addr; {dns_elements} }}
@@ -530,12 +566,13 @@ mod tests {
 
     #[test]
     fn ruleset_names_every_blocked_range_and_the_guard_only_when_asked() {
-        let r = ruleset(&[Ipv4Addr::new(10, 255, 255, 53)], false);
+        let r = ruleset(&[Ipv4Addr::new(10, 255, 255, 53)], false, "n1");
+        assert_eq!(nonce_of(&r), "n1");
         for b in BLOCKED {
             assert!(r.contains(b), "{b}");
         }
         assert!(r.contains("elements = { 10.255.255.53 }"));
         assert!(!r.contains("not an instance"));
-        assert!(ruleset(&[], true).contains("not an instance"));
+        assert!(ruleset(&[], true, "n").contains("not an instance"));
     }
 }
