@@ -47,6 +47,8 @@ pub enum EnqueueError {
     TooLarge(usize),
     /// The target's backlog is at its limit (429): the message names the limit.
     Full(String),
+    /// gust cannot take the request now, through no fault of the caller's (503; retry).
+    Busy(String),
     Store(String),
 }
 
@@ -56,6 +58,7 @@ impl std::fmt::Display for EnqueueError {
             EnqueueError::NotFound(m)
             | EnqueueError::Invalid(m)
             | EnqueueError::Full(m)
+            | EnqueueError::Busy(m)
             | EnqueueError::Store(m) => f.write_str(m),
             EnqueueError::TooLarge(n) => {
                 write!(f, "the event is {n} bytes; the limit is {MAX_EVENT_BYTES}")
@@ -310,10 +313,27 @@ impl Events {
                 )));
             }
             // Checked now, so the caller hears it, and again at delivery (addresses change).
-            if let Err(why) = self.options.outbound.check(u).await {
-                return Err(EnqueueError::Invalid(format!(
-                    "X-Callback-Url {u:?}: {why}"
-                )));
+            // A request does not wait for a resolution slot: 503 when none is free.
+            match self.options.outbound.check_now(u).await {
+                Ok(_) => {}
+                Err(why @ outbound::Refusal::Forbidden(_)) => {
+                    // Where the name points is the operator's business, not the caller's.
+                    tracing::debug!("X-Callback-Url {u:?} refused: {why}");
+                    return Err(EnqueueError::Invalid(outbound::NOT_ALLOWED.into()));
+                }
+                Err(outbound::Refusal::Busy) => {
+                    return Err(EnqueueError::Busy(
+                        "too many callback host lookups in progress; retry".into(),
+                    ));
+                }
+                Err(why @ outbound::Refusal::Platform(_)) => {
+                    return Err(EnqueueError::Store(format!("X-Callback-Url {u:?}: {why}")));
+                }
+                Err(why) => {
+                    return Err(EnqueueError::Invalid(format!(
+                        "X-Callback-Url {u:?}: {why}"
+                    )));
+                }
             }
         }
         let id = uuid::Uuid::new_v4().to_string();

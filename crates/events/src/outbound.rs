@@ -11,11 +11,26 @@
 //! a callback must not drive gust's own API.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// How long resolving a URL's host may take.
+use tokio::sync::Semaphore;
+
+/// How long resolving a URL's host may take (and, at delivery and deploy, waiting for a free
+/// resolution slot).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Name resolutions in progress at once. getaddrinfo runs on tokio's blocking pool and a timeout
+/// cannot cancel it, so a caller naming slow-DNS hosts could otherwise fill that pool: a slot is
+/// held until getaddrinfo returns, even after the caller stopped waiting.
+const MAX_LOOKUPS: usize = 16;
+
+/// The network instances' veths use: part of this host, whatever the allow list says.
+const INSTANCE_NET: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 250, 0, 0), 16);
+
+/// What the caller of `/async/fn` hears when a callback URL resolves somewhere gust must not
+/// call: not which address, so that the answer does not reveal the operator's internal names.
+pub const NOT_ALLOWED: &str = "X-Callback-Url host is not allowed: it resolves to a loopback, private, link-local or this host's address (an operator can allow it with --allow-callback)";
 
 /// One entry of the operator's allow list.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,11 +42,23 @@ enum Allowed {
 }
 
 /// The outbound policy: the operator's allow list and gust's own listener.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Outbound {
     allow: Vec<Allowed>,
     /// The addresses gust's HTTP server listens on (set once it is bound).
     own: Mutex<Vec<SocketAddr>>,
+    /// Resolution slots (`MAX_LOOKUPS`).
+    lookups: Arc<Semaphore>,
+}
+
+impl Default for Outbound {
+    fn default() -> Outbound {
+        Outbound {
+            allow: Vec::new(),
+            own: Mutex::new(Vec::new()),
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS)),
+        }
+    }
 }
 
 /// A checked destination: connect to `addr`, send `Host: authority`, request `path`.
@@ -41,6 +68,50 @@ pub struct Target {
     pub authority: String,
     pub path: String,
 }
+
+/// Why a destination was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not a URL gust can call (final).
+    Invalid(String),
+    /// gust's own API (final).
+    Own(String),
+    /// An address gust must not call (final). The text names the address: for the operator and
+    /// the log, not for an unauthenticated caller (`NOT_ALLOWED`).
+    Forbidden(String),
+    /// The host did not resolve now (no answer, no address, a timeout): it may later.
+    Unresolved(String),
+    /// Every resolution slot is taken (`check_now`), or none came free in time (`check`).
+    Busy,
+    /// gust cannot tell whether the address is this host's (getifaddrs failed): refused, fail
+    /// closed; it may work later.
+    Platform(String),
+}
+
+impl Refusal {
+    /// Whether the same URL may pass later (a delivery retries these like a failed connection).
+    pub fn temporary(&self) -> bool {
+        matches!(
+            self,
+            Refusal::Unresolved(_) | Refusal::Busy | Refusal::Platform(_)
+        )
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::Invalid(m)
+            | Refusal::Own(m)
+            | Refusal::Forbidden(m)
+            | Refusal::Unresolved(m)
+            | Refusal::Platform(m) => f.write_str(m),
+            Refusal::Busy => f.write_str("too many callback host lookups in progress; retry"),
+        }
+    }
+}
+
+impl std::error::Error for Refusal {}
 
 impl Outbound {
     /// Parses the allow list: host names, addresses and CIDR ranges (`10.0.0.0/8`, `fd00::/8`),
@@ -56,7 +127,7 @@ impl Outbound {
         }
         Ok(Outbound {
             allow: out,
-            own: Mutex::new(Vec::new()),
+            ..Outbound::default()
         })
     }
 
@@ -68,46 +139,59 @@ impl Outbound {
             .push(addr);
     }
 
-    /// Resolves `url`'s host and checks every address; Ok: the address to connect to.
-    pub async fn check(&self, url: &str) -> Result<Target, String> {
-        let (host, port, authority, path) = split_url(url)?;
-        let addrs: Vec<SocketAddr> = match host.parse::<IpAddr>() {
+    /// Resolves `url`'s host and checks every address; Ok: the address to connect to. Waits
+    /// for a resolution slot at most `RESOLVE_TIMEOUT` (deliveries, deploys).
+    pub async fn check(&self, url: &str) -> Result<Target, Refusal> {
+        self.check_with(url, true).await
+    }
+
+    /// As `check`, but `Refusal::Busy` at once when every resolution slot is taken: for
+    /// requests, which must not queue without bound behind slow name servers.
+    pub async fn check_now(&self, url: &str) -> Result<Target, Refusal> {
+        self.check_with(url, false).await
+    }
+
+    async fn check_with(&self, url: &str, wait: bool) -> Result<Target, Refusal> {
+        let (host, port, authority, path) = split_url(url).map_err(Refusal::Invalid)?;
+        let addrs = match host.parse::<IpAddr>() {
             Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => {
-                let lookup = tokio::net::lookup_host((host.clone(), port));
-                match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
-                    Ok(Ok(a)) => a.collect(),
-                    Ok(Err(e)) => return Err(format!("cannot resolve {host}: {e}")),
-                    Err(_) => {
-                        return Err(format!(
-                            "cannot resolve {host}: no answer within {RESOLVE_TIMEOUT:?}"
-                        ));
-                    }
-                }
-            }
+            Err(_) => self.resolve(&host, port, wait).await?,
         };
         let Some(first) = addrs.first().copied() else {
-            return Err(format!("cannot resolve {host}: no address"));
+            return Err(Refusal::Unresolved(format!(
+                "cannot resolve {host}: no address"
+            )));
         };
         let own = self.own.lock().unwrap_or_else(|p| p.into_inner()).clone();
-        let locals = host_addresses();
+        let locals = try_host_addresses().map_err(|e| {
+            Refusal::Platform(format!(
+                "cannot tell whether {host} is this host: listing this host's addresses failed ({e}); refused until it works"
+            ))
+        })?;
         let host_allowed = self.allow.contains(&Allowed::Host(normal_host(&host)));
         for a in &addrs {
             let ip = canonical(a.ip());
             let local = locals.contains(&ip) || classify(ip).is_some_and(|c| c.local);
             if local && own.iter().any(|o| o.port() == a.port()) {
-                return Err(format!(
-                    "{host}:{port} is gust's own API ({ip}); a callback or destination must not call gust itself"
-                ));
+                return Err(Refusal::Own(format!(
+                    "{host}:{port} is gust's own API; a callback or destination must not call gust itself"
+                )));
+            }
+            // This host's addresses and the instances' network come before the allow list: a
+            // range that happens to cover them does not open them, only the exact address (or
+            // the URL's host name) does. Loopback is left to the allow list: a loopback range
+            // names the host on purpose.
+            if let Some(what) = host_address(ip, &locals) {
+                if host_allowed || self.allows_exactly(ip) {
+                    continue;
+                }
+                return Err(Refusal::Forbidden(refusal(&host, ip, what)));
             }
             if host_allowed || self.allows(ip) {
                 continue;
             }
             if let Some(c) = classify(ip) {
-                return Err(refusal(&host, ip, c.what));
-            }
-            if locals.contains(&ip) {
-                return Err(refusal(&host, ip, "an address of this host"));
+                return Err(Refusal::Forbidden(refusal(&host, ip, c.what)));
             }
         }
         Ok(Target {
@@ -117,12 +201,62 @@ impl Outbound {
         })
     }
 
+    /// Resolves `host` with getaddrinfo, holding a resolution slot until it returns.
+    async fn resolve(&self, host: &str, port: u16, wait: bool) -> Result<Vec<SocketAddr>, Refusal> {
+        let permit = if wait {
+            match tokio::time::timeout(RESOLVE_TIMEOUT, self.lookups.clone().acquire_owned()).await
+            {
+                Ok(Ok(p)) => p,
+                _ => return Err(Refusal::Busy),
+            }
+        } else {
+            self.lookups
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| Refusal::Busy)?
+        };
+        let name = host.to_string();
+        // The slot goes with the lookup, not with this future: it is released when getaddrinfo
+        // returns, however long after the timeout below that is.
+        let lookup = tokio::spawn(async move {
+            let r = tokio::net::lookup_host((name, port)).await;
+            drop(permit);
+            r.map(|a| a.collect::<Vec<_>>())
+        });
+        match tokio::time::timeout(RESOLVE_TIMEOUT, lookup).await {
+            Ok(Ok(Ok(a))) => Ok(a),
+            Ok(Ok(Err(e))) => Err(Refusal::Unresolved(format!("cannot resolve {host}: {e}"))),
+            Ok(Err(e)) => Err(Refusal::Unresolved(format!("cannot resolve {host}: {e}"))),
+            Err(_) => Err(Refusal::Unresolved(format!(
+                "cannot resolve {host}: no answer within {RESOLVE_TIMEOUT:?}"
+            ))),
+        }
+    }
+
     fn allows(&self, ip: IpAddr) -> bool {
         self.allow.iter().any(|a| match a {
             Allowed::Net(net, bits) => in_net(ip, *net, *bits),
             Allowed::Host(_) => false,
         })
     }
+
+    /// Whether an entry names exactly `ip` (an address, or a /32 or /128).
+    fn allows_exactly(&self, ip: IpAddr) -> bool {
+        let full = if ip.is_ipv4() { 32 } else { 128 };
+        self.allow.contains(&Allowed::Net(ip, full))
+    }
+}
+
+/// Whether `ip` is this host (one of its interfaces' addresses other than loopback, or the
+/// instances' network), and how to say so.
+fn host_address(ip: IpAddr, locals: &[IpAddr]) -> Option<&'static str> {
+    if in_net(ip, IpAddr::V4(INSTANCE_NET.0), INSTANCE_NET.1) {
+        return Some("an address of the instances' network (10.250.0.0/16)");
+    }
+    if locals.contains(&ip) && !ip.is_loopback() {
+        return Some("an address of this host");
+    }
+    None
 }
 
 fn refusal(host: &str, ip: IpAddr, what: &str) -> String {
@@ -149,7 +283,19 @@ fn parse_allowed(item: &str) -> Result<Allowed, String> {
         if bits > max {
             return Err(bad());
         }
-        return Ok(Allowed::Net(canonical(ip), bits));
+        // An IPv4-mapped range (`::ffff:10.0.0.0/104`) is the IPv4 range it maps: its prefix
+        // counts the 96 bits of `::ffff:0:0/96` first.
+        if let IpAddr::V6(v6) = ip
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            if bits < 96 {
+                return Err(format!(
+                    "--allow-callback {item:?}: an IPv4-mapped range needs a prefix of at least /96 (::ffff:a.b.c.d/96+n is a.b.c.d/n); write the IPv4 range instead"
+                ));
+            }
+            return Ok(Allowed::Net(IpAddr::V4(v4), bits - 96));
+        }
+        return Ok(Allowed::Net(ip, bits));
     }
     if let Ok(ip) = item.trim_matches(['[', ']']).parse::<IpAddr>() {
         let ip = canonical(ip);
@@ -210,14 +356,21 @@ fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// Whether `ip` is in `net/bits`; a prefix longer than the family's matches nothing.
 fn in_net(ip: IpAddr, net: IpAddr, bits: u8) -> bool {
     match (canonical(ip), net) {
         (IpAddr::V4(a), IpAddr::V4(n)) => {
-            let mask = u32::MAX.checked_shl(32 - bits as u32).unwrap_or(0);
+            let Some(shift) = 32u32.checked_sub(bits.into()) else {
+                return false;
+            };
+            let mask = u32::MAX.checked_shl(shift).unwrap_or(0);
             u32::from(a) & mask == u32::from(n) & mask
         }
         (IpAddr::V6(a), IpAddr::V6(n)) => {
-            let mask = u128::MAX.checked_shl(128 - bits as u32).unwrap_or(0);
+            let Some(shift) = 128u32.checked_sub(bits.into()) else {
+                return false;
+            };
+            let mask = u128::MAX.checked_shl(shift).unwrap_or(0);
             u128::from(a) & mask == u128::from(n) & mask
         }
         _ => false,
@@ -343,13 +496,23 @@ fn classify_v6(ip: Ipv6Addr) -> Option<Class> {
     None
 }
 
-/// This host's interface addresses (getifaddrs), IPv4-mapped ones as IPv4.
+/// This host's interface addresses (getifaddrs), IPv4-mapped ones as IPv4; empty when they
+/// cannot be listed (`try_host_addresses` says why).
 pub fn host_addresses() -> Vec<IpAddr> {
+    try_host_addresses().unwrap_or_default()
+}
+
+/// This host's interface addresses (getifaddrs), IPv4-mapped ones as IPv4.
+pub fn try_host_addresses() -> Result<Vec<IpAddr>, String> {
+    #[cfg(test)]
+    if tests::GETIFADDRS_FAILS.with(|f| f.get()) {
+        return Err("getifaddrs: injected failure".into());
+    }
     let mut out = Vec::new();
     let mut list: *mut libc::ifaddrs = std::ptr::null_mut();
     // SAFETY: getifaddrs fills `list` with a linked list that we own until freeifaddrs.
     if unsafe { libc::getifaddrs(&mut list) } != 0 {
-        return out;
+        return Err(format!("getifaddrs: {}", std::io::Error::last_os_error()));
     }
     let mut cur = list;
     while !cur.is_null() {
@@ -376,12 +539,17 @@ pub fn host_addresses() -> Vec<IpAddr> {
     }
     // SAFETY: `list` came from getifaddrs and is freed once; no reference into it survives.
     unsafe { libc::freeifaddrs(list) };
-    out
+    Ok(out)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    thread_local! {
+        /// Makes `try_host_addresses` fail on this thread.
+        pub(super) static GETIFADDRS_FAILS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -550,7 +718,7 @@ mod tests {
             "http://2130706433:8080/",
         ] {
             let e = o.check(url).await.unwrap_err();
-            assert!(e.contains("gust's own API"), "{e}");
+            assert!(matches!(e, Refusal::Own(_)), "{e}");
         }
         let any = Outbound::new(&["0.0.0.0/0", "::/0"]).unwrap();
         any.set_listener("0.0.0.0:8080".parse().unwrap());
@@ -562,5 +730,102 @@ mod tests {
             none.check("http://1.1.1.1/").await.unwrap().addr,
             "1.1.1.1:80".parse().unwrap()
         );
+    }
+
+    #[test]
+    fn ipv4_mapped_ranges_are_their_ipv4_range_and_prefixes_fit_the_family() {
+        let o = Outbound::new(&["::ffff:10.0.0.0/104"]).unwrap();
+        assert_eq!(o.allow, [Allowed::Net(ip("10.0.0.0"), 8)]);
+        assert!(o.allows(ip("10.1.2.3")));
+        assert!(!o.allows(ip("11.0.0.1")));
+        assert!(!o.allows(ip("127.0.0.1")));
+        let one = Outbound::new(&["[::ffff:192.168.1.5]/128"]).unwrap();
+        assert_eq!(one.allow, [Allowed::Net(ip("192.168.1.5"), 32)]);
+        let e = Outbound::new(&["::ffff:0.0.0.0/95"]).unwrap_err();
+        assert!(e.contains("at least /96"), "{e}");
+        for bad in [
+            "10.0.0.0/33",
+            "::ffff:10.0.0.0/129",
+            "::/129",
+            "1.2.3.4/200",
+        ] {
+            assert!(Outbound::new(&[bad]).is_err(), "{bad}");
+        }
+        // A prefix longer than the family's matches nothing (and never panics).
+        assert!(!in_net(ip("10.0.0.1"), ip("10.0.0.0"), 104));
+        assert!(!in_net(ip("::1"), ip("::1"), 200));
+    }
+
+    /// A range that covers this host's addresses or the instances' network does not open them;
+    /// only the exact address does.
+    #[tokio::test]
+    async fn host_addresses_are_refused_before_the_allow_list() {
+        let wide = Outbound::new(&["0.0.0.0/0", "::/0"]).unwrap();
+        let e = wide.check("http://10.250.0.7/").await.unwrap_err();
+        assert!(matches!(e, Refusal::Forbidden(_)), "{e}");
+        assert!(e.to_string().contains("instances' network"), "{e}");
+        let exact = Outbound::new(&["10.0.0.0/8", "10.250.0.7"]).unwrap();
+        assert!(exact.check("http://10.250.0.7/").await.is_ok());
+        assert!(exact.check("http://10.250.0.8/").await.is_err());
+        let locals: Vec<IpAddr> = host_addresses()
+            .into_iter()
+            .filter(|a| !a.is_loopback())
+            .filter(|a| !matches!(a, IpAddr::V6(v6) if v6.segments()[0] == 0xfe80))
+            .collect();
+        for a in &locals {
+            let url = match a {
+                IpAddr::V4(v4) => format!("http://{v4}/"),
+                IpAddr::V6(v6) => format!("http://[{v6}]/"),
+            };
+            let e = wide.check(&url).await.unwrap_err();
+            assert!(matches!(e, Refusal::Forbidden(_)), "{url}: {e}");
+            let exact = Outbound::new(&["0.0.0.0/0".to_string(), a.to_string()]).unwrap();
+            assert!(exact.check(&url).await.is_ok(), "{url} allowed exactly");
+        }
+        // Loopback stays the allow list's to open.
+        assert!(wide.check("http://127.0.0.1:9/").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn when_this_hosts_addresses_are_unknown_urls_are_refused() {
+        let o = Outbound::new(&["0.0.0.0/0"]).unwrap();
+        GETIFADDRS_FAILS.with(|f| f.set(true));
+        let r = o.check("http://1.1.1.1/").await;
+        GETIFADDRS_FAILS.with(|f| f.set(false));
+        let e = r.unwrap_err();
+        assert!(matches!(e, Refusal::Platform(_)), "{e}");
+        assert!(e.to_string().contains("getifaddrs"), "{e}");
+        assert!(e.temporary());
+        assert!(o.check("http://1.1.1.1/").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn lookups_are_bounded_and_failures_are_told_apart() {
+        let o = Outbound::new::<&str>(&[]).unwrap();
+        // Every slot taken: a request is told to retry at once, without resolving.
+        let held = o
+            .lookups
+            .clone()
+            .acquire_many_owned(MAX_LOOKUPS as u32)
+            .await
+            .unwrap();
+        assert_eq!(
+            o.check_now("http://example.invalid/").await,
+            Err(Refusal::Busy)
+        );
+        // An address needs no lookup.
+        assert!(o.check_now("http://1.1.1.1/").await.is_ok());
+        drop(held);
+        // A name that does not resolve is temporary; a forbidden address is final.
+        let e = o
+            .check_now("http://no-such-host.invalid/")
+            .await
+            .unwrap_err();
+        assert!(matches!(e, Refusal::Unresolved(_)), "{e}");
+        assert!(e.temporary());
+        let e = o.check_now("http://localhost/").await.unwrap_err();
+        assert!(matches!(e, Refusal::Forbidden(_)), "{e}");
+        assert!(!e.temporary());
+        assert_eq!(o.lookups.available_permits(), MAX_LOOKUPS);
     }
 }

@@ -33,11 +33,22 @@ pub enum ApiError {
     PayloadTooLarge(String),
     /// A limit the caller must wait for (a full backlog): 429 with `Retry-After`.
     TooManyRequests(String),
+    /// gust cannot serve this now through no fault of the caller's (a limit of its own): 503
+    /// with `Retry-After`.
+    Unavailable(String),
     Platform(String),
 }
 
 /// Seconds a sender refused for a full backlog is asked to wait.
 const BACKLOG_RETRY_AFTER_SECS: u64 = 1;
+
+/// The `Reason` of the Invoke API's 429 for a full async backlog. Lambda has none for this (its
+/// async queue does not refuse); a distinct reason, so that it is not read as a concurrency
+/// throttle.
+pub const BACKLOG_FULL_REASON: &str = "AsyncBacklogLimitExceeded";
+
+/// The reason of a concurrency throttle, as Lambda says it.
+const CONCURRENCY_REASON: &str = "ReservedFunctionConcurrentInvocationLimitExceeded";
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
@@ -73,6 +84,7 @@ impl IntoResponse for ApiError {
             ApiError::Conflict(m) => (StatusCode::CONFLICT, "Conflict", m),
             ApiError::PayloadTooLarge(m) => (StatusCode::PAYLOAD_TOO_LARGE, "PayloadTooLarge", m),
             ApiError::TooManyRequests(m) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequests", m),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "Unavailable", m),
             ApiError::Platform(m) => {
                 log_platform_error("admin API", &m);
                 (StatusCode::INTERNAL_SERVER_ERROR, "Internal", "internal error; see the server log".to_string())
@@ -86,7 +98,7 @@ impl IntoResponse for ApiError {
             r.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if status == StatusCode::TOO_MANY_REQUESTS {
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
             r.headers_mut().insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(BACKLOG_RETRY_AFTER_SECS),
@@ -105,26 +117,32 @@ pub fn enqueue_error(e: &gust_events::EnqueueError, aws: bool) -> Response {
         E::Invalid(_) => (StatusCode::BAD_REQUEST, "InvalidParameterValueException"),
         E::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "RequestTooLargeException"),
         E::Full(_) => (StatusCode::TOO_MANY_REQUESTS, "TooManyRequestsException"),
+        E::Busy(_) => (StatusCode::SERVICE_UNAVAILABLE, "ServiceException"),
         E::Store(_) => (StatusCode::INTERNAL_SERVER_ERROR, "ServiceException"),
     };
-    if status.is_server_error() {
+    if matches!(e, E::Store(_)) {
         log_platform_error("event store", e);
     }
     if aws && let E::Full(m) = e {
         // Lambda's throttling shape, as for a concurrency throttle.
-        return invoke_api_error(&InvokeError::Throttled {
-            message: m.clone(),
-            retry_after_secs: BACKLOG_RETRY_AFTER_SECS,
-        });
+        return throttled(m, BACKLOG_FULL_REASON, BACKLOG_RETRY_AFTER_SECS);
     }
     if aws {
-        return aws_error(status, aws_type, &e.to_string());
+        let mut r = aws_error(status, aws_type, &e.to_string());
+        if let E::Busy(_) = e {
+            r.headers_mut().insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(BACKLOG_RETRY_AFTER_SECS),
+            );
+        }
+        return r;
     }
     let api = match e {
         E::NotFound(m) => ApiError::NotFound(m.clone()),
         E::Invalid(m) => ApiError::BadRequest(m.clone()),
         E::TooLarge(_) => ApiError::PayloadTooLarge(e.to_string()),
         E::Full(m) => ApiError::TooManyRequests(m.clone()),
+        E::Busy(m) => ApiError::Unavailable(m.clone()),
         E::Store(m) => ApiError::Platform(m.clone()),
     };
     api.into_response()
@@ -154,24 +172,7 @@ pub fn invoke_api_error(e: &InvokeError) -> Response {
         InvokeError::Throttled {
             message,
             retry_after_secs,
-        } => {
-            let mut r = json_response(
-                StatusCode::TOO_MANY_REQUESTS,
-                json!({
-                    "Type": "User",
-                    "message": message,
-                    "Reason": "ReservedFunctionConcurrentInvocationLimitExceeded",
-                    "retryAfterSeconds": retry_after_secs.to_string(),
-                }),
-            );
-            r.headers_mut().insert(
-                "x-amzn-errortype",
-                HeaderValue::from_static("TooManyRequestsException"),
-            );
-            r.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
-            r
-        }
+        } => throttled(message, CONCURRENCY_REASON, *retry_after_secs),
         InvokeError::PayloadTooLarge(_) => aws_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             "RequestTooLargeException",
@@ -191,6 +192,26 @@ pub fn invoke_api_error(e: &InvokeError) -> Response {
             )
         }
     }
+}
+
+/// The Invoke API's `TooManyRequestsException`, with its `Reason`.
+fn throttled(message: &str, reason: &str, retry_after_secs: u64) -> Response {
+    let mut r = json_response(
+        StatusCode::TOO_MANY_REQUESTS,
+        json!({
+            "Type": "User",
+            "message": message,
+            "Reason": reason,
+            "retryAfterSeconds": retry_after_secs.to_string(),
+        }),
+    );
+    r.headers_mut().insert(
+        "x-amzn-errortype",
+        HeaderValue::from_static("TooManyRequestsException"),
+    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    r
 }
 
 /// An HTTP trigger error, as API Gateway answers it.
@@ -295,5 +316,48 @@ pub fn body_error(path: &str, e: &BodyError) -> Response {
         )
     } else {
         json_response(status, json!({ "message": http }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    async fn json_of(r: Response) -> serde_json::Value {
+        let b = r.into_body().collect().await.unwrap().to_bytes();
+        serde_json::from_slice(&b).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_full_backlog_is_not_reported_as_a_concurrency_throttle() {
+        use gust_events::EnqueueError as E;
+        let r = enqueue_error(&E::Full("backlog full".into()), true);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()["x-amzn-errortype"], "TooManyRequestsException");
+        assert_eq!(r.headers()["retry-after"], "1");
+        assert_eq!(json_of(r).await["Reason"], BACKLOG_FULL_REASON);
+        let r = invoke_api_error(&InvokeError::Throttled {
+            message: "concurrency limit".into(),
+            retry_after_secs: 1,
+        });
+        assert_eq!(json_of(r).await["Reason"], CONCURRENCY_REASON);
+    }
+
+    #[tokio::test]
+    async fn busy_lookups_are_a_503_to_retry() {
+        use gust_events::EnqueueError as E;
+        let e = E::Busy("too many callback host lookups in progress; retry".into());
+        let r = enqueue_error(&e, false);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
+        let v = json_of(r).await;
+        assert_eq!(
+            v["error"]["message"],
+            "too many callback host lookups in progress; retry"
+        );
+        let r = enqueue_error(&e, true);
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()["retry-after"], "1");
     }
 }

@@ -210,6 +210,38 @@ impl Platform {
                 )));
             }
         }
+        // Function destinations must end somewhere too: A → B → A would pass records round
+        // for ever (this service's functions replace what it deployed before).
+        let mut next: HashMap<String, Vec<String>> = HashMap::new();
+        let ours = specs.iter().map(|(s, _)| s.clone());
+        let theirs = self
+            .store
+            .functions()?
+            .into_iter()
+            .filter(|f| f.spec.service != manifest.service)
+            .map(|f| f.spec);
+        // Ours last: a name this service deploys is this service's.
+        for spec in theirs.chain(ours) {
+            let a = &spec.async_config;
+            let to = [&a.on_success, &a.on_failure]
+                .into_iter()
+                .flatten()
+                .filter_map(|d| match d {
+                    gust_core::Destination::Function(f) => Some(f.clone()),
+                    _ => None,
+                })
+                .collect();
+            next.insert(spec.name.clone(), to);
+        }
+        for (spec, _) in &specs {
+            if let Some(cycle) = destination_cycle(&next, &spec.name) {
+                return Err(ApiError::BadRequest(format!(
+                    "[functions.{}.async] on_success/on_failure: {} is a cycle of function destinations (an invocation record would go round it forever): end the chain at a function without a function destination",
+                    spec.name,
+                    cycle.join(" → ")
+                )));
+            }
+        }
         // URL destinations: only where a callback may go (not this host, not a private
         // network, not gust's own API, unless the operator allows it).
         for (spec, _) in &specs {
@@ -218,10 +250,18 @@ impl Platform {
                 if let Some(gust_core::Destination::Url(u)) = d
                     && let Err(why) = self.outbound.check(u).await
                 {
-                    return Err(ApiError::BadRequest(format!(
-                        "[functions.{}.async] {key} = {u:?}: {why}",
-                        spec.name
-                    )));
+                    use gust_events::outbound::Refusal;
+                    let field = format!("[functions.{}.async] {key} = {u:?}", spec.name);
+                    return Err(match why {
+                        Refusal::Unresolved(m) => ApiError::BadRequest(format!(
+                            "{field}: the host name did not resolve now ({m}); deploy again once it resolves"
+                        )),
+                        Refusal::Busy => ApiError::Unavailable(format!(
+                            "{field}: too many host lookups in progress; retry the deploy"
+                        )),
+                        Refusal::Platform(m) => ApiError::Platform(format!("{field}: {m}")),
+                        other => ApiError::BadRequest(format!("{field}: {other}")),
+                    });
                 }
             }
         }
@@ -312,9 +352,64 @@ fn dlq_cycle(dlq: &HashMap<String, String>, start: &str) -> Option<Vec<String>> 
     None
 }
 
+/// A cycle of function destinations reachable from `start`: the functions in order, the
+/// repeated one last.
+fn destination_cycle(next: &HashMap<String, Vec<String>>, start: &str) -> Option<Vec<String>> {
+    fn walk(
+        next: &HashMap<String, Vec<String>>,
+        path: &mut Vec<String>,
+        done: &mut std::collections::HashSet<String>,
+    ) -> Option<Vec<String>> {
+        let at = path.last()?.clone();
+        for to in next.get(&at).into_iter().flatten() {
+            if path.contains(to) {
+                let mut cycle = path.clone();
+                cycle.push(to.clone());
+                return Some(cycle);
+            }
+            if done.contains(to) {
+                continue;
+            }
+            path.push(to.clone());
+            if let Some(c) = walk(next, path, done) {
+                return Some(c);
+            }
+            path.pop();
+        }
+        done.insert(at);
+        None
+    }
+    walk(
+        next,
+        &mut vec![start.to_string()],
+        &mut std::collections::HashSet::new(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn function_destination_cycles_are_found() {
+        let graph = |pairs: &[(&str, &[&str])]| -> HashMap<String, Vec<String>> {
+            pairs
+                .iter()
+                .map(|(a, b)| (a.to_string(), b.iter().map(|s| s.to_string()).collect()))
+                .collect()
+        };
+        let own = graph(&[("a", &["a"])]);
+        assert_eq!(destination_cycle(&own, "a").unwrap(), ["a", "a"]);
+        let two = graph(&[("a", &["b"]), ("b", &["c", "a"])]);
+        assert_eq!(destination_cycle(&two, "a").unwrap(), ["a", "b", "a"]);
+        // Success to one function, failure to another: either may close the loop.
+        let fork = graph(&[("a", &["x", "b"]), ("b", &["a"]), ("x", &[])]);
+        assert_eq!(destination_cycle(&fork, "a").unwrap(), ["a", "b", "a"]);
+        // A diamond is not a cycle.
+        let diamond = graph(&[("a", &["b", "c"]), ("b", &["d"]), ("c", &["d"])]);
+        assert_eq!(destination_cycle(&diamond, "a"), None);
+        assert_eq!(destination_cycle(&diamond, "z"), None);
+    }
 
     #[test]
     fn dead_letter_cycles_are_found() {
