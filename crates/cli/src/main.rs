@@ -90,8 +90,10 @@ struct ServeArgs {
     /// they are loopback, private, link-local or this host's (repeat, or separate with commas).
     #[arg(long, env = "GUST_ALLOW_CALLBACK", value_delimiter = ',')]
     allow_callback: Vec<String>,
-    /// Hours finished async events and schedule runs are kept (for `gust events show`).
-    #[arg(long, env = "GUST_EVENT_RETENTION", default_value_t = 24)]
+    /// Hours finished async events and schedule runs are kept (for `gust events show`), 1 to
+    /// 8760 (a year).
+    #[arg(long, env = "GUST_EVENT_RETENTION", default_value_t = 24,
+          value_parser = clap::value_parser!(u64).range(1..=8760))]
     event_retention: u64,
 }
 
@@ -574,7 +576,11 @@ async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Ser
             total_bytes: args.log_total_mb << 20,
         },
         allow_callback: args.allow_callback.clone(),
-        event_retention: Duration::from_secs(args.event_retention * 3600),
+        event_retention: Duration::from_secs(
+            args.event_retention
+                .checked_mul(3600)
+                .context("--event-retention is too large")?,
+        ),
         ..ServerConfig::new(args.listen, cli.data_dir.clone())
     })
     .await?;
@@ -795,4 +801,20 @@ async fn invoke(cli: &Cli, name: &str, data: Option<&str>, log: bool) -> anyhow:
         bail!("function {name} failed ({e})");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_retention_is_between_an_hour_and_a_year() {
+        let parse = |v: &str| Cli::try_parse_from(["gust", "serve", "--event-retention", v]);
+        for bad in ["0", "8761", "18446744073709551615", "-1"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        for good in ["1", "24", "8760"] {
+            assert!(parse(good).is_ok(), "{good}");
+        }
+    }
 }

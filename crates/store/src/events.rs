@@ -293,24 +293,100 @@ fn row_event(r: &rusqlite::Row<'_>) -> rusqlite::Result<Event> {
     })
 }
 
+/// Puts the database in incremental auto-vacuum mode, so that pruned pages can go back to the
+/// file system (`vacuum_step`). On a database that already has tables the mode only takes
+/// effect through a VACUUM, which rewrites the whole file: done once, at start, before any other
+/// connection is open (`Store::open`), and only when the file system has twice the database's
+/// size free. Skipped for space, it is tried again at the next start; failed, it is recorded and
+/// not tried again (the file then does not shrink after pruning; the log says so).
+pub(crate) fn enable_incremental_vacuum(conn: &Connection, path: &Path) -> Result<()> {
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
+    if mode == 2 {
+        return Ok(());
+    }
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS store_flags (name TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    )?;
+    let failed: Option<String> = conn
+        .query_row(
+            "SELECT value FROM store_flags WHERE name = 'incremental_vacuum_failed'",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    if failed.is_some() {
+        return Ok(());
+    }
+    let size: i64 = conn.query_row(
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+        [],
+        |r| r.get(0),
+    )?;
+    let size = size.max(0) as u64;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    match free_bytes(dir) {
+        Some(free) if free >= size.saturating_mul(2) => {}
+        free => {
+            tracing::warn!(
+                "event store: not converting {} to incremental vacuum now (it is rewritten whole): that needs twice its size ({} MiB) free on its file system, {} are; until a start with enough room, pruning does not shrink the file",
+                path.display(),
+                size.saturating_mul(2) >> 20,
+                free.map_or("an unknown amount".into(), |f| format!("{} MiB", f >> 20)),
+            );
+            return Ok(());
+        }
+    }
+    conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
+    if let Err(e) = conn.execute_batch("VACUUM") {
+        tracing::warn!(
+            "event store: VACUUM to enable incremental vacuum of {} failed, and will not be tried again (pruning will not shrink the file): {e}",
+            path.display()
+        );
+        conn.execute(
+            "INSERT OR REPLACE INTO store_flags (name, value) VALUES ('incremental_vacuum_failed', ?1)",
+            [e.to_string()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Free bytes for an unprivileged user on the file system holding `dir`.
+fn free_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs is plain data, for which all zeroes is a valid value.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `c` is a NUL-terminated path and `st` a statvfs that the call fills.
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Pages freed per step of `vacuum_step`: a bounded piece of work (8 MiB with 4 KiB pages).
+pub(crate) const VACUUM_STEP_PAGES: u32 = 2048;
+
+/// Gives up to `pages` free pages back to the file system; Ok(true) when free pages remain.
+/// (The pragma frees one page per step of its statement, so it is stepped to its end: run
+/// through `execute_batch` it would free one.)
+pub(crate) fn vacuum_step(conn: &Connection, pages: u32) -> rusqlite::Result<bool> {
+    {
+        let mut st = conn.prepare(&format!("PRAGMA incremental_vacuum({pages})"))?;
+        let mut rows = st.query([])?;
+        while rows.next()?.is_some() {}
+    }
+    let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+    Ok(free > 0)
+}
+
 const COLUMNS: &str = "id, kind, target, payload, attributes, state, attempts, created_ms, visible_ms, first_receive_ms, updated_ms, last_error, source";
 
 impl EventStore {
     /// Opens the event tables of the database at `path` and starts the writer thread.
     pub fn open(path: &Path) -> Result<EventStore> {
         let conn = open_db(path)?;
-        // Pruned pages go back to the file system (`PRAGMA incremental_vacuum` after each
-        // prune). The mode only takes effect through a VACUUM on a database that already has
-        // tables: done once, the first time this build opens it.
-        let auto_vacuum: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0))?;
-        if auto_vacuum != 2 {
-            conn.execute_batch("PRAGMA auto_vacuum = INCREMENTAL")?;
-            if let Err(e) = conn.execute_batch("VACUUM") {
-                tracing::warn!(
-                    "event store: VACUUM to enable incremental vacuum failed (the file will not shrink after pruning): {e}"
-                );
-            }
-        }
+        // Normally done already by `Store::open`, before any other connection.
+        enable_incremental_vacuum(&conn, path)?;
         conn.execute_batch(SCHEMA)?;
         // The backlog counts from the events themselves (a database from an older build has
         // none; a recount also repairs any drift).
@@ -575,7 +651,21 @@ fn backlog(db: &Connection, kind: Kind, target: &str) -> Result<Backlog> {
 }
 
 fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
+    // An op that arrived while the vacuum was stepping: the next batch starts with it.
+    let mut next: Option<Op> = None;
+    // Free pages not yet given back, and a WAL checkpoint not yet done.
+    let mut vacuum_due = false;
+    let mut checkpoint_due = false;
+    // The last checkpoint was busy: wait for a prune's tick before the next.
+    let mut checkpoint_busy = false;
+    loop {
+        let first = match next.take() {
+            Some(op) => op,
+            None => match rx.recv() {
+                Ok(op) => op,
+                Err(_) => return,
+            },
+        };
         let mut batch = vec![first];
         while batch.len() < 4096 {
             match rx.try_recv() {
@@ -584,7 +674,8 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             }
         }
         let mut replies: Vec<Deferred> = Vec::new();
-        let mut vacuum = false;
+        let mut pruned = false;
+        let tick = batch.iter().any(|op| matches!(op, Op::Prune { .. }));
         let result = (|| -> Result<()> {
             let mut tx =
                 conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -592,7 +683,7 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
                 // Each op in a savepoint: one that fails is rolled back alone (its caller sees
                 // the error when its reply is dropped); the rest of the batch commits.
                 let sp = tx.savepoint()?;
-                match apply(&sp, op, &mut replies, &mut vacuum) {
+                match apply(&sp, op, &mut replies, &mut pruned) {
                     Ok(()) => sp.commit()?,
                     Err(e) => tracing::warn!("event store: an operation failed: {e}"),
                 }
@@ -601,37 +692,63 @@ fn writer(mut conn: Connection, rx: mpsc::Receiver<Op>) {
             Ok(())
         })();
         let err = result.err();
-        if vacuum && err.is_none() {
-            // Outside the transaction: free pages go back to the file system, and the WAL,
-            // which now holds them, is checkpointed and truncated.
-            if let Err(e) = incremental_vacuum(&conn) {
-                tracing::warn!("event store: incremental vacuum failed: {e}");
-            }
-            // TRUNCATE waits for other writers (the log writer): briefly, since appends wait
-            // behind it; a checkpoint that cannot finish now is done by a later prune.
-            let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
-            if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(())) {
-                tracing::warn!("event store: WAL checkpoint failed: {e}");
-            }
-            let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
-        }
+        // Replies first: nobody waits for the housekeeping below.
         for r in replies {
             r(err.as_ref());
+        }
+        if pruned && err.is_none() {
+            vacuum_due = true;
+            checkpoint_due = true;
+        }
+        // Free pages go back to the file system in bounded steps, only while no op waits.
+        while vacuum_due && next.is_none() {
+            match vacuum_step(&conn, VACUUM_STEP_PAGES) {
+                Ok(more) => vacuum_due = more,
+                Err(e) => {
+                    tracing::warn!("event store: incremental vacuum failed: {e}");
+                    vacuum_due = false;
+                }
+            }
+            if vacuum_due {
+                match rx.try_recv() {
+                    Ok(op) => next = Some(op),
+                    Err(mpsc::TryRecvError::Empty) => {}
+                    Err(mpsc::TryRecvError::Disconnected) => return,
+                }
+            }
+        }
+        // Then the WAL, which now holds the freed pages, is checkpointed and truncated.
+        // TRUNCATE waits for other writers (the log writer) briefly, since appends wait behind
+        // it; when it cannot finish (busy), the next prune's tick tries again.
+        if checkpoint_due && !vacuum_due && next.is_none() && (tick || !checkpoint_busy) {
+            let _ = conn.busy_timeout(std::time::Duration::from_millis(100));
+            match conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |r| {
+                r.get::<_, i64>(0)
+            }) {
+                Ok(0) => {
+                    checkpoint_due = false;
+                    checkpoint_busy = false;
+                }
+                Ok(_) => {
+                    checkpoint_busy = true;
+                    tracing::debug!(
+                        "event store: WAL checkpoint busy (another writer); retried at the next prune"
+                    );
+                }
+                Err(e) => {
+                    checkpoint_busy = true;
+                    tracing::warn!(
+                        "event store: WAL checkpoint failed (retried at the next prune): {e}"
+                    );
+                }
+            }
+            let _ = conn.busy_timeout(std::time::Duration::from_secs(5));
         }
     }
 }
 
-/// Gives every free page back to the file system (each step of the pragma frees pages: it runs
-/// until done).
-fn incremental_vacuum(conn: &Connection) -> rusqlite::Result<()> {
-    let mut st = conn.prepare("PRAGMA incremental_vacuum")?;
-    let mut rows = st.query([])?;
-    while rows.next()?.is_some() {}
-    Ok(())
-}
-
 /// Runs one op inside the batch's transaction; its reply is deferred until the commit.
-fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>, vacuum: &mut bool) -> Result<()> {
+fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>, pruned: &mut bool) -> Result<()> {
     let now = now_ms() as i64;
     let fail = |e: Option<&StoreError>| e.map(|e| StoreError::Invalid(format!("event store: {e}")));
     match op {
@@ -682,7 +799,7 @@ fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>, vacuum: &mut bool
                     .execute(params![queue, *before_ms as i64])? as u64;
             }
             if finished + expired > 0 {
-                *vacuum = true;
+                *pruned = true;
             }
             let pruned = Pruned { finished, expired };
             replies.push(Box::new(move |e| reply(fail(e).map_or(Ok(pruned), Err))));
@@ -734,8 +851,10 @@ fn apply(tx: &Connection, op: Op, replies: &mut Vec<Deferred>, vacuum: &mut bool
         }
         Op::Redrive { dlq, to, reply } => {
             let n = tx.execute(
+                // A redriven message is a new message (as in SQS): its retention counts from now,
+                // not from its first send, or an old one would expire at once.
                 "UPDATE events SET target = COALESCE(?2, source, target), source = NULL, state = 'queued',
-                   attempts = 0, first_receive_ms = NULL, visible_ms = ?3, updated_ms = ?3
+                   attempts = 0, first_receive_ms = NULL, created_ms = ?3, visible_ms = ?3, updated_ms = ?3
                  WHERE kind = 'queue' AND target = ?1 AND state = 'queued'
                    AND (?2 IS NOT NULL OR source IS NOT NULL)",
                 params![dlq, to, now],
@@ -1033,12 +1152,19 @@ mod tests {
         assert!(s.get("m1").unwrap().is_none());
         assert!(s.get("m2").unwrap().is_some());
         assert_eq!(s.backlog(Kind::Queue, "q").unwrap(), Backlog::default());
-        let after = size();
         let pages = |p: &str| -> i64 {
             s.read()
                 .query_row(&format!("PRAGMA {p}"), [], |r| r.get(0))
                 .unwrap()
         };
+        // The file shrinks after the reply (the vacuum runs once the batch's replies are out).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut after = size();
+        while after >= 2 << 20 && std::time::Instant::now() < deadline {
+            // A read-only round trip through the writer, so the poll waits on it, not a sleep.
+            wait(|r| s.purge("none", r));
+            after = size();
+        }
         assert!(
             after < 2 << 20,
             "{before} → {after}; pages {}, free {}, auto_vacuum {}",
@@ -1062,6 +1188,95 @@ mod tests {
         assert!(x.visible_ms <= now_ms());
         let again = wait(|r| s.claim(Kind::Async, "f", 10, 600_000, r));
         assert_eq!((again.len(), again[0].attempts), (1, 2));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// One step gives back at most its pages (the pragma run whole would free them all, run
+    /// through `execute_batch` only one).
+    #[test]
+    fn vacuum_steps_are_bounded_and_reach_the_end() {
+        let (s, dir) = store();
+        let ids: Vec<String> = (0..20).map(|i| format!("v{i}")).collect();
+        let big = |id: &str| NewEvent {
+            payload: vec![1u8; 64 * 1024],
+            ..ev(id, 0)
+        };
+        wait(|r| s.append(ids.iter().map(|id| big(id)).collect(), r));
+        drop(s);
+        let conn = open_db(&dir.join("gust.db")).unwrap();
+        conn.execute("DELETE FROM events", []).unwrap();
+        let free = || -> i64 {
+            conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))
+                .unwrap()
+        };
+        let before = free();
+        assert!(before > 100, "{before}");
+        assert!(vacuum_step(&conn, 10).unwrap());
+        assert_eq!(free(), before - 10);
+        while vacuum_step(&conn, VACUUM_STEP_PAGES).unwrap() {}
+        assert_eq!(free(), 0);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A redriven message is new: its retention counts from the redrive.
+    #[test]
+    fn redriven_messages_are_new_for_retention() {
+        let (s, dir) = store();
+        let m = NewEvent {
+            kind: Kind::Queue,
+            target: "dlq".into(),
+            source: Some("q".into()),
+            ..ev("m", 0)
+        };
+        wait(|r| s.append(vec![m], r));
+        open_db(&dir.join("gust.db"))
+            .unwrap()
+            .execute("UPDATE events SET created_ms = 1 WHERE id = 'm'", [])
+            .unwrap();
+        let t0 = now_ms();
+        assert_eq!(wait(|r| s.redrive("dlq", None, r)), 1);
+        let e = s.get("m").unwrap().unwrap();
+        assert_eq!(e.target, "q");
+        assert!(e.created_ms >= t0, "{}", e.created_ms);
+        // The target queue's retention (say an hour) does not expire it at once.
+        let p = wait(|r| s.prune(0, vec![("q".into(), t0 - 3_600_000)], r));
+        assert_eq!(p.expired, 0);
+        assert!(s.get("m").unwrap().is_some());
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// An older database is put in incremental mode once, at open; a VACUUM that failed is
+    /// recorded and not tried again.
+    #[test]
+    fn incremental_vacuum_is_enabled_once_and_a_failure_is_not_retried() {
+        let dir = std::env::temp_dir().join(format!(
+            "gust-events-vacuum-{}-{}",
+            std::process::id(),
+            crate::unique()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("gust.db");
+        let mode = |c: &Connection| -> i64 {
+            c.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).unwrap()
+        };
+        {
+            let c = open_db(&path).unwrap();
+            c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")
+                .unwrap();
+            assert_eq!(mode(&c), 0);
+            enable_incremental_vacuum(&c, &path).unwrap();
+            assert_eq!(mode(&c), 2);
+        }
+        let failed = dir.join("failed.db");
+        let c = open_db(&failed).unwrap();
+        c.execute_batch(
+            "CREATE TABLE t (x);
+             CREATE TABLE store_flags (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+             INSERT INTO store_flags VALUES ('incremental_vacuum_failed', 'disk full');",
+        )
+        .unwrap();
+        enable_incremental_vacuum(&c, &failed).unwrap();
+        assert_eq!(mode(&c), 0, "not tried again");
         let _ = std::fs::remove_dir_all(dir);
     }
 }

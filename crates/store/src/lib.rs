@@ -133,6 +133,8 @@ pub(crate) fn open_db(path: &Path) -> Result<Connection> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // A large transaction (a prune, a big batch of logs) must not leave a large WAL file behind.
+    conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
     Ok(conn)
 }
 
@@ -164,6 +166,8 @@ impl Store {
                 .map_err(io(format!("chmod {}", p.display())))?;
         }
         let conn = open_db(&dir.join("gust.db"))?;
+        // Before any other connection (the log writer, the event store) is open.
+        events::enable_incremental_vacuum(&conn, &dir.join("gust.db"))?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store {
             dir,

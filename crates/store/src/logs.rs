@@ -156,8 +156,6 @@ static WRITE_FAILED: LogLimiter = LogLimiter::new(10_000, 3);
 
 impl Writer {
     fn new(conn: Connection, limits: LogLimits, shared: Arc<Shared>) -> crate::Result<Writer> {
-        // A large batch must not leave a large WAL file behind it.
-        conn.pragma_update(None, "journal_size_limit", 64i64 << 20)?;
         let mut functions = HashMap::new();
         let mut total = Usage::default();
         {
@@ -284,7 +282,7 @@ impl Writer {
                 if pruned {
                     // Freed pages back to the file system (a no-op unless the database is in
                     // incremental auto-vacuum mode).
-                    if let Err(e) = self.conn.execute_batch("PRAGMA incremental_vacuum")
+                    if let Err(e) = vacuum(&self.conn)
                         && let Some(r) = WRITE_FAILED.check("vacuum", now_ms())
                     {
                         tracing::warn!("log storage: incremental vacuum failed: {e}{r}");
@@ -322,6 +320,12 @@ impl Writer {
 /// Deletes the oldest lines of each function over its bounds, then the oldest of all while the
 /// total is over, each down to 90 % of the bound (so a busy function is not pruned on every
 /// batch). Returns whether anything was deleted.
+/// Gives every free page back to the file system, in bounded steps.
+fn vacuum(conn: &Connection) -> rusqlite::Result<()> {
+    while crate::events::vacuum_step(conn, crate::events::VACUUM_STEP_PAGES)? {}
+    Ok(())
+}
+
 fn prune(
     tx: &Connection,
     limits: &LogLimits,
