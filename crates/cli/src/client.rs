@@ -341,6 +341,15 @@ pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {
     let root = dir
         .canonicalize()
         .with_context(|| format!("resolve the code dir {}", dir.display()))?;
+    // The code dir itself, or a directory above it, may be a data dir (`gust serve
+    // --data-dir .` in the service directory): nothing in it may be packed.
+    if let Some(d) = root.ancestors().find(|a| is_data_dir(a)) {
+        anyhow::bail!(
+            "code dir {}: it is inside gust's data dir {} (the database, every function's code and its environment): serve from another --data-dir, or point `code` at a directory outside it",
+            dir.display(),
+            d.display()
+        );
+    }
     let mut walk = Walk {
         shown: dir,
         root,
@@ -636,6 +645,13 @@ mod tests {
         let b = pack(&dir).unwrap();
         assert_eq!(entries(&b), [("index.js".to_string(), None)]);
         assert_eq!(b.skipped.len(), 2, "{:?}", b.skipped);
+        // The code dir is itself a data dir (`gust serve --data-dir .`), or lies inside one.
+        std::fs::write(dir.join(".gust-data-dir"), "").unwrap();
+        let e = pack(&dir).err().unwrap().to_string();
+        assert!(e.contains("inside gust's data dir"), "{e}");
+        std::fs::create_dir_all(dir.join("code/abc")).unwrap();
+        let e = pack(&dir.join("code/abc")).err().unwrap().to_string();
+        assert!(e.contains("inside gust's data dir"), "{e}");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

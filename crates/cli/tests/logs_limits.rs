@@ -170,3 +170,71 @@ async fn a_flood_is_stored_up_to_the_bound_and_nothing_is_lost_silently() {
         .any(|l| l.starts_with("[gust] ") && l.contains(" log lines dropped: "));
     assert!(gapless || counted, "lines missing without a dropped count");
 }
+
+/// A process the function leaves behind keeps writing to stdout after the invocation ended
+/// (`yes`, inherited stdout): the invocation still ends, and the server keeps answering — the
+/// capture reads a bounded amount at a time and never holds a worker thread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_after_the_reply_holds_up_nothing() {
+    let mut ts = start_small().await;
+    ts.deploy(
+        &manifest(
+            "lf",
+            "leftover",
+            "nodejs",
+            "index.handler",
+            "timeout = 5",
+        ),
+        &[(
+            "index.js",
+            r#"
+const { spawn } = require("child_process");
+exports.handler = async () => {
+  // Short lines: the most work per byte for the capture.
+  for (let i = 0; i < 3; i++) spawn("yes", [], { stdio: ["ignore", "inherit", "inherit"], detached: true });
+  return { ok: true };
+};
+"#,
+        )],
+    )
+    .await;
+    // Every wait bounded. A capture that never lets go pins the server's worker threads, which
+    // are this test's too (the server runs in-process): only a thread outside the runtime can
+    // end the test then.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watched = done.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !watched.load(std::sync::atomic::Ordering::Relaxed) {
+            if Instant::now() > deadline {
+                eprintln!("output_after_the_reply_holds_up_nothing: the server hung for 60 s");
+                std::process::exit(101);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let within = Duration::from_secs(10);
+    let v = tokio::time::timeout(within, ts.invoke_ok("leftover", "{}"))
+        .await
+        .expect("the invocation ends although its leftover process floods stdout");
+    assert_eq!(v["ok"], true, "{v}");
+    // While `yes` floods, the server answers at once, and so does the same function again.
+    for _ in 0..5 {
+        let t = Instant::now();
+        let r = tokio::time::timeout(within, ts.get("/_gust/health"))
+            .await
+            .expect("health answers");
+        assert_eq!(r.status, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(500),
+            "health took {:?}",
+            t.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = tokio::time::timeout(within, ts.invoke("leftover", "{}"))
+        .await
+        .expect("the function answers again");
+    assert_eq!(r.status, 200);
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+}

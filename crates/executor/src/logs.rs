@@ -16,6 +16,9 @@ use tokio::net::unix::pipe;
 /// one stored line (its first 64 KiB and a marker), and a line being read holds at most this
 /// much memory.
 const MAX_LINE: usize = gust_core::MAX_LOG_LINE;
+/// Bytes one `drain` reads at most: it runs on async workers, and on the reply path of an
+/// invocation.
+const DRAIN_BUDGET: usize = 256 * 1024;
 /// Lambda's `X-Amz-Log-Result` carries the last 4 KB.
 pub(crate) const TAIL_BYTES: usize = 4096;
 /// Lines remembered from init, quoted when init fails.
@@ -82,7 +85,11 @@ impl Capture {
                 r = self.out.readable(), if !out_eof => { if r.is_err() { self.inner().eof[0] = true; } }
                 r = self.err.readable(), if !err_eof => { if r.is_err() { self.inner().eof[1] = true; } }
             }
-            self.drain();
+            if !self.drain() {
+                // More is waiting: let other tasks run before reading on (a function that
+                // floods its output must not hold a worker thread).
+                tokio::task::yield_now().await;
+            }
         }
         // Whatever is left without a final newline.
         let mut inner = self.inner();
@@ -95,22 +102,32 @@ impl Capture {
         }
     }
 
-    /// Reads everything available now, without waiting.
-    pub(crate) fn drain(&self) {
+    /// Reads what is available now, without waiting, up to `DRAIN_BUDGET` bytes (a process that
+    /// keeps writing, even after its invocation ended, must not keep the caller here): true when
+    /// the pipes had nothing more, false when the budget ran out first.
+    pub(crate) fn drain(&self) -> bool {
         let mut inner = self.inner();
         let mut buf = [0u8; 16 * 1024];
+        let mut budget = DRAIN_BUDGET;
         for i in 0..2 {
             let rx = if i == 0 { &self.out } else { &self.err };
             while !inner.eof[i] {
+                if budget == 0 {
+                    return false;
+                }
                 match rx.try_read(&mut buf) {
                     Ok(0) => inner.eof[i] = true,
-                    Ok(n) => self.feed(&mut inner, i, &buf[..n]),
+                    Ok(n) => {
+                        budget = budget.saturating_sub(n);
+                        self.feed(&mut inner, i, &buf[..n]);
+                    }
                     Err(e) if e.kind() == ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                     Err(_) => inner.eof[i] = true,
                 }
             }
         }
+        true
     }
 
     fn feed(&self, inner: &mut Inner, i: usize, mut data: &[u8]) {

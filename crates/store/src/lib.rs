@@ -158,9 +158,10 @@ impl Store {
             )
             .map_err(io(format!("write {}", marker.display())))?;
         }
-        // Bundles are the code of every function: only gust (and, through their own mount,
-        // the sandboxes) may read them.
-        for sub in ["blobs", "code"] {
+        // The database holds every function's environment, logs and events, the bundles every
+        // function's code: only gust (and, through their own mounts, the sandboxes) may read
+        // them. The data dir itself first, so nothing in it is reachable by other users.
+        for sub in ["", "blobs", "code"] {
             let p = dir.join(sub);
             fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o700))
                 .map_err(io(format!("chmod {}", p.display())))?;
@@ -169,6 +170,12 @@ impl Store {
         // Before any other connection (the log writer, the event store) is open.
         events::enable_incremental_vacuum(&conn, &dir.join("gust.db"))?;
         conn.execute_batch(SCHEMA)?;
+        for f in ["gust.db", "gust.db-wal", "gust.db-shm"] {
+            let _ = fs::set_permissions(
+                dir.join(f),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            );
+        }
         Ok(Store {
             dir,
             db: Mutex::new(conn),
@@ -621,6 +628,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("gust-store-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let store = Store::open(&dir).unwrap();
+        // Nobody else on the host reads the database (environments, logs, events) or the code.
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("gust.db")), 0o600);
         let (sha, bytes) = bundle(&[("index.js", "exports.handler = async () => 1")]);
         assert!(matches!(
             store.put_blob(&"0".repeat(64), &bytes),
