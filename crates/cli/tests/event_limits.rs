@@ -152,6 +152,11 @@ limits_test!(
             let msg = v["error"]["message"].as_str().unwrap();
             assert!(msg.starts_with("X-Callback-Url"), "{url}: {msg}");
             assert_eq!(v["error"]["code"], "BadRequest");
+            // An unauthenticated caller is told the name did not resolve (some resolvers do not
+            // read `127.0.0.1.`), but never where a name points.
+            if !msg.contains("gust's own API") && !msg.contains("cannot resolve") {
+                assert_eq!(msg, gust_events::outbound::NOT_ALLOWED, "{url}");
+            }
         }
         // Nothing was stored, so nothing can be delivered: the listener got no connection.
         let d = ts.describe("web").await;
@@ -559,4 +564,35 @@ limits_test!(dead_letter_queue_cycles_are_refused_at_deploy, async {
     ts.deploy_dir(dir.path()).await.unwrap();
     let e = refused(other("dead_letter_queue = \"x\"")).await;
     assert!(e.contains("w → x → w is a cycle"), "{e}");
+});
+
+limits_test!(function_destination_cycles_are_refused_at_deploy, async {
+    let ts = TestServer::start().await;
+    let func = |name: &str, async_cfg: &str| {
+        format!(
+            "[functions.{name}]\nruntime = \"nodejs\"\nhandler = \"index.handler\"\n[functions.{name}.async]\n{async_cfg}\n"
+        )
+    };
+    let refused = async |m: String| {
+        let dir = write_service(&m, &[("index.js", FN)]);
+        format!("{:#}", ts.deploy_dir(dir.path()).await.unwrap_err())
+    };
+    let e = refused(manifest("") + &func("a", "on_success = \"function:a\"")).await;
+    assert!(e.contains("a → a is a cycle"), "{e}");
+    let e = refused(
+        manifest("")
+            + &func("a", "on_success = \"function:b\"")
+            + &func("b", "on_failure = \"function:a\""),
+    )
+    .await;
+    assert!(e.contains("a → b → a is a cycle"), "{e}");
+    // A chain that ends deploys.
+    let dir = write_service(
+        &(manifest("")
+            + &func("a", "on_success = \"function:b\"")
+            + &func("b", "on_failure = \"function:c\"")
+            + &func("c", "")),
+        &[("index.js", FN)],
+    );
+    ts.deploy_dir(dir.path()).await.unwrap();
 });
