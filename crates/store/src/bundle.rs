@@ -11,7 +11,9 @@
 //! - devices, fifos and other special entries are refused.
 //!
 //! A refused bundle is a caller's error (`StoreError::Invalid`) naming the entry; nothing of it
-//! is kept. Unpacked code is readable by the sandboxed runtime and gust only
+//! is kept. A failure of the host while unpacking (a full disk, a quota, no file descriptors, an
+//! I/O error reading the stored bundle) is `StoreError::Io`, a 500: the bundle is kept and the
+//! unpack is tried again at the next deploy or cold start. Unpacked code is readable by the sandboxed runtime and gust only
 //! ([`restrict`]); see docs/security.md, "Code bundles".
 
 use std::ffi::OsString;
@@ -268,12 +270,55 @@ fn symlinks(root: &Path, under: &mut Vec<OsString>, out: &mut Vec<Vec<OsString>>
     }
 }
 
+/// A read of the bundle failed: its format (gzip, tar) is the caller's error; an error of the
+/// file under it (EIO) is the host's.
+fn read_error(sha: &str, e: std::io::Error) -> StoreError {
+    if e.raw_os_error().is_some() {
+        return io(format!("read code bundle {sha}"))(e);
+    }
+    invalid(sha, format_args!("not a valid tar.gz: {e}"))
+}
+
+/// Writing an entry failed. A few failures come from what the bundle holds (a name too long, a
+/// directory where a file goes, too many links to one file): the caller's error. The others
+/// are the host's (ENOSPC, EDQUOT, EMFILE, EIO, EROFS…): a 5xx, and the bundle is kept.
+fn write_error(sha: &str, entry: &impl std::fmt::Display, e: std::io::Error) -> StoreError {
+    const ENAMETOOLONG: i32 = 36;
+    const EMLINK: i32 = 31;
+    let callers = e.kind() == std::io::ErrorKind::AlreadyExists
+        || matches!(e.raw_os_error(), Some(ENAMETOOLONG | EMLINK));
+    if callers {
+        return invalid(sha, format_args!("entry '{entry}': {e}"));
+    }
+    io(format!("unpack code bundle {sha}: write entry '{entry}'"))(e)
+}
+
+/// Copies an entry's data, telling the bundle's errors (read) from the disk's (write).
+fn copy_entry(
+    sha: &str,
+    shown: &impl std::fmt::Display,
+    from: &mut impl Read,
+    to: &mut impl Write,
+) -> Result<()> {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(read_error(sha, e)),
+        };
+        to.write_all(&buf[..n])
+            .map_err(|e| write_error(sha, shown, e))?;
+    }
+}
+
 /// Unpacks the tar.gz `blob` into the new, private directory `dest`, refusing anything that
 /// could reach outside it (module docs). `dest` is left half-filled on error: the caller
 /// removes it.
 pub(crate) fn unpack(sha: &str, blob: impl Read, dest: &Path) -> Result<()> {
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(blob));
-    let not_tar = |e: std::io::Error| invalid(sha, format_args!("not a valid tar.gz: {e}"));
+    let not_tar = |e: std::io::Error| read_error(sha, e);
     for entry in archive.entries().map_err(not_tar)? {
         let mut entry = entry.map_err(not_tar)?;
         let raw = entry.path().map_err(not_tar)?.into_owned();
@@ -291,7 +336,7 @@ pub(crate) fn unpack(sha: &str, blob: impl Read, dest: &Path) -> Result<()> {
         }
         let at = real_parents(sha, dest, &parts, true)?;
         let shown = raw.display();
-        let write_err = |e: std::io::Error| invalid(sha, format_args!("entry '{shown}': {e}"));
+        let write_err = |e: std::io::Error| write_error(sha, &shown, e);
         match kind {
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 clear(&at).map_err(write_err)?;
@@ -302,7 +347,7 @@ pub(crate) fn unpack(sha: &str, blob: impl Read, dest: &Path) -> Result<()> {
                     .mode(if exec { 0o700 } else { 0o600 })
                     .open(&at)
                     .map_err(write_err)?;
-                std::io::copy(&mut entry, &mut f).map_err(not_tar)?;
+                copy_entry(sha, &shown, &mut entry, &mut f)?;
             }
             tar::EntryType::Directory => match fs::symlink_metadata(&at) {
                 Ok(m) if m.is_dir() => {}
@@ -579,5 +624,55 @@ mod tests {
                 assert_eq!(m.permissions().mode() & 0o040, 0o040, "{}", p.display());
             }
         }
+    }
+
+    /// A writer that fails like a full disk.
+    struct FullDisk;
+    impl Write for FullDisk {
+        fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::from_raw_os_error(28)) // ENOSPC
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// A reader that fails like a corrupt gzip stream.
+    struct Corrupt;
+    impl Read for Corrupt {
+        fn read(&mut self, _: &mut [u8]) -> std::io::Result<usize> {
+            Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "corrupt deflate stream",
+            ))
+        }
+    }
+
+    #[test]
+    fn a_failing_disk_is_the_hosts_error_and_a_broken_bundle_the_callers() {
+        match copy_entry("s", &"a.js", &mut &b"data"[..], &mut FullDisk) {
+            Err(StoreError::Io { source, .. }) => assert_eq!(source.raw_os_error(), Some(28)),
+            other => panic!("a full disk must be an I/O error, got {other:?}"),
+        }
+        match copy_entry("s", &"a.js", &mut Corrupt, &mut Vec::new()) {
+            Err(StoreError::Invalid(m)) => assert!(m.contains("not a valid tar.gz"), "{m}"),
+            other => panic!("a corrupt bundle must be the caller's error, got {other:?}"),
+        }
+        // A whole unpack into a target that cannot be written (it is gone).
+        let d = Dir::new("unwritable");
+        let r = unpack(
+            "s",
+            tar(&[E::File("index.js", "x")]).as_slice(),
+            &d.0.join("gone"),
+        );
+        assert!(matches!(r, Err(StoreError::Io { .. })), "{r:?}");
+        // The bundle's own conflicts stay the caller's error.
+        let (_d, r) = run(&[E::Dir("a"), E::File("a", "x")]);
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
+        // And a stream that is not gzip at all.
+        let d = Dir::new("notgz");
+        fs::create_dir(d.0.join("root")).unwrap();
+        let r = unpack("s", &b"not a tarball at all"[..], &d.0.join("root"));
+        assert!(matches!(r, Err(StoreError::Invalid(_))), "{r:?}");
     }
 }
