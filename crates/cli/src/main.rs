@@ -70,8 +70,12 @@ struct ServeArgs {
     /// Seconds a keep-alive connection may stay idle between requests.
     #[arg(long, env = "GUST_IDLE_TIMEOUT", default_value_t = 60)]
     idle_timeout: u64,
+    /// Seconds a connection whose client does not read its response may go without write
+    /// progress; then it is closed.
+    #[arg(long, env = "GUST_WRITE_TIMEOUT", default_value_t = 60)]
+    write_timeout: u64,
     /// Open HTTP connections at most (default: the open-file limit minus a quarter kept for
-    /// instances, the database and logs).
+    /// instances, the database and logs, and at most 16384).
     #[arg(long, env = "GUST_MAX_CONNECTIONS")]
     max_connections: Option<usize>,
     /// Log lines kept per function (older ones are deleted).
@@ -567,6 +571,7 @@ async fn start_server(cli: &Cli, args: &ServeArgs) -> anyhow::Result<server::Ser
             body_timeout: Duration::from_secs(args.body_timeout),
             body_min_rate: args.body_min_rate,
             idle_timeout: Duration::from_secs(args.idle_timeout),
+            write_timeout: Duration::from_secs(args.write_timeout),
             max_connections: args.max_connections,
         },
         logs: gust_store::LogLimits {

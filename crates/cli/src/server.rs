@@ -149,11 +149,19 @@ pub fn raise_nofile_limit() -> u64 {
 }
 
 /// The default connection cap for an open-file limit: a quarter of the descriptors (at least
-/// 128, at most 16384) stay for instances (pidfds, pipes, sockets), the database and logs.
+/// 128, at most 16384) stay for instances (pidfds, pipes, sockets), the database and logs; and
+/// never more than [`MAX_DEFAULT_CONNECTIONS`], whatever the limit (hosts with a hard limit of a
+/// million would otherwise allow a million connections, each with up to
+/// `listener::MAX_HEAD` of request head buffered).
 pub fn connection_cap(nofile: u64) -> usize {
     let reserve = (nofile / 4).clamp(128, 16384);
-    nofile.saturating_sub(reserve).max(16) as usize
+    nofile
+        .saturating_sub(reserve)
+        .clamp(16, MAX_DEFAULT_CONNECTIONS as u64) as usize
 }
+
+/// The default connection cap's ceiling: 16384 connections × 64 KiB of head is 1 GiB at worst.
+pub const MAX_DEFAULT_CONNECTIONS: usize = 16384;
 
 /// The executor's state for `GET /_gust/v1/status`.
 fn status(ex: &ProcessExecutor) -> serde_json::Value {
@@ -278,6 +286,7 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
                     "body_timeout_ms": limits.body_timeout.as_millis() as u64,
                     "body_min_rate": limits.body_min_rate,
                     "idle_timeout_ms": limits.idle_timeout.as_millis() as u64,
+                    "write_timeout_ms": limits.write_timeout.as_millis() as u64,
                     "connections": stats.snapshot(),
                 });
                 v
@@ -315,4 +324,20 @@ pub async fn start(cfg: ServerConfig) -> anyhow::Result<Server> {
         http_stats,
         grace: cfg.shutdown_grace,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_connection_cap_keeps_a_reserve_and_stays_bounded() {
+        assert_eq!(connection_cap(1024), 1024 - 256);
+        assert_eq!(connection_cap(256), 128);
+        assert_eq!(connection_cap(20000), 15000);
+        assert_eq!(connection_cap(65536), MAX_DEFAULT_CONNECTIONS);
+        // A hard limit of a million (common in containers) does not mean a million connections.
+        assert_eq!(connection_cap(1 << 20), MAX_DEFAULT_CONNECTIONS);
+        assert_eq!(connection_cap(u64::MAX), MAX_DEFAULT_CONNECTIONS);
+    }
 }

@@ -18,18 +18,28 @@ use tokio::net::TcpStream;
 const HEADER: Duration = Duration::from_millis(1500);
 const BODY: Duration = Duration::from_millis(1500);
 const IDLE: Duration = Duration::from_secs(3);
+const WRITE: Duration = Duration::from_secs(2);
 /// How late a close may come after its timeout on a loaded test machine.
 const SLACK: Duration = Duration::from_millis(1500);
 
 async fn start(max_connections: Option<usize>) -> TestServer {
+    start_limits(|l| Limits {
+        max_connections,
+        ..l
+    })
+    .await
+}
+
+/// A server with the short timeouts above, changed by `f`.
+async fn start_limits(f: impl FnOnce(Limits) -> Limits) -> TestServer {
     TestServer::start_config(|c| ServerConfig {
-        http: Limits {
+        http: f(Limits {
             header_timeout: HEADER,
             body_timeout: BODY,
             idle_timeout: IDLE,
-            max_connections,
+            write_timeout: WRITE,
             ..Limits::default()
-        },
+        }),
         ..c
     })
     .await
@@ -584,5 +594,175 @@ async fn the_bearer_scheme_is_case_insensitive() {
         )
         .await;
         assert_eq!(r.status, 401, "{bad}");
+    }
+}
+
+/// A function whose response (a JSON string) is 5.5 MB, near the Invoke API's 6 MB limit.
+const BIG: usize = 5_500_000;
+
+async fn start_big(f: impl FnOnce(Limits) -> Limits) -> TestServer {
+    let mut ts = start_limits(f).await;
+    ts.deploy(
+        &manifest("bigsvc", "big", "nodejs", "index.handler", ""),
+        &[(
+            "index.js",
+            &format!("exports.handler = async () => 'x'.repeat({BIG});"),
+        )],
+    )
+    .await;
+    ts
+}
+
+/// A connection whose receive buffer is small, so the server's writes block as soon as the
+/// client stops reading (the kernel's autotuning would otherwise buffer megabytes).
+async fn connect_small_window(a: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(16 * 1024).unwrap();
+    sock.connect(a).await.unwrap()
+}
+
+const INVOKE_BIG: &[u8] =
+    b"POST /2015-03-31/functions/big/invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}";
+
+/// The length of the first response in `raw` (head and Content-Length body), once whole.
+fn response_len(raw: &[u8]) -> Option<usize> {
+    let r = parse(raw)?;
+    let head = raw.windows(4).position(|w| w == b"\r\n\r\n")? + 4;
+    Some(head + r.body.len())
+}
+
+#[tokio::test]
+async fn a_long_response_to_a_slow_reader_is_written_whole_and_not_cut_idle_or_evicted() {
+    // Idle and header timeouts far shorter than the time the response takes to read.
+    const CAP: usize = 6;
+    const SHORT_IDLE: Duration = Duration::from_secs(1);
+    let ts = start_big(|l| Limits {
+        idle_timeout: SHORT_IDLE,
+        max_connections: Some(CAP),
+        // The kernel may hold megabytes of it: at this pace the socket may take seconds to
+        // become writable again (the next test is about the write timeout).
+        write_timeout: Duration::from_secs(20),
+        ..l
+    })
+    .await;
+    let a = addr(&ts);
+    let mut s = connect_small_window(a).await;
+    s.write_all(INVOKE_BIG).await.unwrap();
+    let mut raw = Vec::new();
+    let mut buf = vec![0u8; 16 * 1024];
+    let n = tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf))
+        .await
+        .expect("no response")
+        .unwrap();
+    raw.extend_from_slice(&buf[..n]);
+    // hyper has the whole body queued now (and has dropped it). The first bytes of a pipelined
+    // request: its header clock must not start while the response is still being written.
+    s.write_all(b"GET /_gust/health HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    let t0 = Instant::now();
+    let mut flood = Vec::new();
+    let mut rest_sent = false;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let total = loop {
+        if let Some(n) = response_len(&raw) {
+            break n;
+        }
+        // Read 16 KiB per 25 ms (640 KB/s): about 8 s for the whole response.
+        tokio::time::sleep(Duration::from_millis(25)).await;
+        let n = s.read(&mut buf).await.unwrap_or(0);
+        assert!(
+            n > 0,
+            "the response was cut after {} of {BIG} bytes, {:?} into reading it: {}",
+            raw.len(),
+            t0.elapsed(),
+            ts.server.as_ref().unwrap().http_stats().snapshot()
+        );
+        raw.extend_from_slice(&buf[..n]);
+        assert!(Instant::now() < deadline, "read only {} bytes", raw.len());
+        if raw.len() > BIG / 4 && flood.is_empty() {
+            // Past the cap: the newcomers evict idle connections, never this busy one.
+            for _ in 0..CAP + 2 {
+                flood.push(TcpStream::connect(a).await.unwrap());
+            }
+        }
+        if raw.len() > BIG / 2 && !rest_sent {
+            s.write_all(b"Host: x\r\n\r\n").await.unwrap();
+            rest_sent = true;
+        }
+    };
+    assert!(
+        t0.elapsed() > SHORT_IDLE + HEADER,
+        "read in {:?}: not slower than the timeouts",
+        t0.elapsed()
+    );
+    let r = parse(&raw).unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.body.len(), BIG + 2, "a JSON string of {BIG} bytes");
+    // The pipelined request is served after it.
+    let mut rest = raw.split_off(total);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while parse(&rest).is_none() {
+        let n = tokio::time::timeout_at(deadline, s.read(&mut buf))
+            .await
+            .expect("no response to the pipelined request")
+            .unwrap();
+        assert!(n > 0, "closed before the pipelined request's response");
+        rest.extend_from_slice(&buf[..n]);
+    }
+    assert_eq!(parse(&rest).unwrap().status, 200);
+    let st = ts.server.as_ref().unwrap().http_stats().snapshot();
+    assert!(st["evicted_at_cap"].as_u64().unwrap() >= 1, "{st}");
+    assert_eq!(st["write_timeouts"], 0, "{st}");
+}
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_closed_at_the_write_timeout() {
+    let ts = start_big(|l| Limits {
+        idle_timeout: Duration::from_secs(1),
+        ..l
+    })
+    .await;
+    let mut s = connect_small_window(addr(&ts)).await;
+    s.write_all(INVOKE_BIG).await.unwrap();
+    let t0 = Instant::now();
+    let stats = || ts.server.as_ref().unwrap().http_stats().snapshot();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stats()["write_timeouts"] == 0 {
+        assert!(Instant::now() < deadline, "never closed: {}", stats());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let took = t0.elapsed();
+    // Closed for not reading, not as idle: the last write progress was after the request.
+    assert!(
+        took >= WRITE,
+        "closed after {took:?}; the write timeout is {WRITE:?}"
+    );
+    let st = stats();
+    assert_eq!(st["header_timeouts"], 0, "{st}");
+    let (raw, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(closed);
+    assert!(raw.len() < BIG, "{} bytes", raw.len());
+}
+
+#[tokio::test]
+async fn a_request_head_over_64_kib_is_refused_and_one_of_32_kib_is_served() {
+    let ts = start(None).await;
+    let head = |size: usize| {
+        format!(
+            "GET /_gust/health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n\r\n",
+            "a".repeat(size)
+        )
+    };
+    let r = exchange(addr(&ts), head(32 * 1024).as_bytes()).await;
+    assert_eq!(r.status, 200);
+
+    let mut s = TcpStream::connect(addr(&ts)).await.unwrap();
+    // The server may close before it has read all of it.
+    let _ = s.write_all(head(80 * 1024).as_bytes()).await;
+    let (raw, closed) = read_until_closed(&mut s, Duration::from_secs(10)).await;
+    assert!(closed, "an oversized head was not refused");
+    if let Some(r) = parse(&raw) {
+        assert_eq!(r.status, 431, "{}", String::from_utf8_lossy(&raw));
     }
 }

@@ -3,13 +3,15 @@
 //! listener limits"). Per connection, in this order:
 //!
 //! 1. **Cap.** At `max_connections` open, a newcomer first closes connections that serve no
-//!    request (idle between requests, or not yet done sending a request head), the ones in that
-//!    state the longest first; only when every connection is serving a request is the newcomer
+//!    request and have nothing left to write (idle between requests, or not yet done sending a
+//!    request head), the ones in that state the longest first; only when every connection is serving a request is the newcomer
 //!    itself closed. Either way a counter grows and a WARN line (at most one per 10 s) says so.
 //!    A flood of idle sockets therefore costs real clients nothing but a reconnect of an idle
 //!    keep-alive connection.
 //! 2. **Header timeout.** From accept, or from the first byte of a later request, the request
-//!    head must be complete within `header_timeout`, or the connection is closed.
+//!    head must be complete within `header_timeout`, or the connection is closed. A head over
+//!    [`MAX_HEAD`] bytes gets 431 and the connection closes, so each connection holds at most
+//!    that much of a request head in memory.
 //! 3. **Body timeout** (a wrapper around the request body, so it runs only while a handler reads):
 //!    at least one read every `body_timeout`, and on average at least `body_min_rate` bytes/s
 //!    after the first `body_timeout` (Apache's `mod_reqtimeout body=T,MinRate=R`, plus a stall
@@ -17,10 +19,17 @@
 //!    request fails with 408 and the connection closes. A malformed or truncated body (bad chunk
 //!    size, EOF before `Content-Length`) fails with 400 and the connection closes.
 //! 4. **Idle timeout.** Between requests on a keep-alive connection, `idle_timeout`.
+//! 5. **Write timeout.** While output is pending (the socket took bytes that are not yet
+//!    flushed, or refused more), the connection is busy: never idle, never evicted, no header
+//!    clock. It is bounded instead by `write_timeout` without write progress (nginx's
+//!    `send_timeout`): a client that stops reading is closed then.
 //!
-//! Nothing bounds a request while it is served (the handler runs, the response is written), so
-//! long polls and long responses are not cut. hyper's own `header_read_timeout` is not used: it
-//! starts when the previous response ends, so it would be the idle timeout as well.
+//! Nothing else bounds a request while it is served (the handler runs, the response is
+//! written), so long polls and long responses are not cut. The socket is watched, not the
+//! response body, because hyper drops the body once its last chunk is queued, before it is
+//! written (`clear_body` in its h1 dispatcher): the idle and header clocks start at the last
+//! completed write. hyper's own `header_read_timeout` is not used: it starts when the previous
+//! response ends, so it would be the idle timeout as well.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -45,6 +54,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
 use tokio::time::{Instant, Sleep};
 
+/// The largest request head (request line and headers) read, and the most of a response hyper
+/// buffers per connection. hyper's default (~400 KB) times the connection cap would be gigabytes;
+/// real heads are a few KiB (AWS SDKs' SigV4 headers and a 3.5 KiB `X-Amz-Client-Context` at
+/// most).
+pub const MAX_HEAD: usize = 64 * 1024;
+
 /// The listener's limits. `ServerConfig` carries them; `gust serve` flags set them.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -57,6 +72,9 @@ pub struct Limits {
     pub body_min_rate: u64,
     /// A keep-alive connection with no request for this long is closed.
     pub idle_timeout: Duration,
+    /// A connection with output pending and no write progress for this long is closed (a
+    /// client that stopped reading).
+    pub write_timeout: Duration,
     /// Open connections at most (see the module doc for what happens at the cap); None: no cap
     /// (`gust serve` sizes it from the open-file limit).
     pub max_connections: Option<usize>,
@@ -69,6 +87,7 @@ impl Default for Limits {
             body_timeout: Duration::from_secs(30),
             body_min_rate: 16 * 1024,
             idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(60),
             max_connections: None,
         }
     }
@@ -87,6 +106,8 @@ pub struct Stats {
     pub header_timeouts: AtomicU64,
     pub body_timeouts: AtomicU64,
     pub idle_timeouts: AtomicU64,
+    /// Connections closed because their client stopped reading (`write_timeout`).
+    pub write_timeouts: AtomicU64,
 }
 
 impl Stats {
@@ -100,6 +121,7 @@ impl Stats {
             "header_timeouts": g(&self.header_timeouts),
             "body_timeouts": g(&self.body_timeouts),
             "idle_timeouts": g(&self.idle_timeouts),
+            "write_timeouts": g(&self.write_timeouts),
         })
     }
 }
@@ -118,9 +140,18 @@ impl std::error::Error for BodyTimeout {}
 
 /// What a connection is doing, for its watchdog and the cap.
 struct ConnState {
-    /// Requests being served (the handler runs or the response is written).
+    /// Requests being served (from the parsed head until hyper drops the response body, which
+    /// may be before the response is written: see `unflushed`).
     in_flight: u32,
-    /// When the connection last started to serve nothing (accept, or the end of a response).
+    /// Output is pending: the socket took bytes not flushed since, or refused more. The
+    /// connection is busy then, bounded by the write timeout.
+    unflushed: bool,
+    /// The last write refused bytes (the client is not reading); the watchdog was told.
+    blocked: bool,
+    /// The last write progress (accept, or bytes taken by the socket).
+    last_write: Instant,
+    /// When the connection last started to serve nothing (accept, the end of a response, or
+    /// the last completed write).
     since: Instant,
     /// When the current request head began (accept for the first request): None while idle
     /// between requests.
@@ -135,6 +166,53 @@ struct Conn {
 }
 
 impl Conn {
+    /// The socket took bytes.
+    fn wrote(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        s.last_write = Instant::now();
+        s.unflushed = true;
+        s.blocked = false;
+    }
+
+    /// The socket refused bytes: output is stuck until the client reads. The watchdog learns
+    /// once per stall (not per write: it rechecks the state whenever it wakes).
+    fn write_blocked(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !s.unflushed {
+            // Nothing was pending (the kernel took all before): the stall clock starts now,
+            // not at the last write, which may be long ago.
+            s.last_write = Instant::now();
+            s.unflushed = true;
+        }
+        if !s.blocked {
+            s.blocked = true;
+            drop(s);
+            self.wake.notify_one();
+        }
+    }
+
+    /// Everything written is flushed: the idle clock, and the header clock of a request whose
+    /// first bytes came while output was pending, start now. Both deadlines only move later,
+    /// so the watchdog needs no wake-up.
+    fn flushed(&self) {
+        let mut s = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.unflushed {
+            let now = Instant::now();
+            s.unflushed = false;
+            s.blocked = false;
+            s.since = now;
+            if let Some(h) = s.head.as_mut() {
+                *h = now;
+            }
+        }
+    }
+
+    /// Whether the cap may close this connection: it serves no request and has nothing left
+    /// to write.
+    fn evictable(s: &ConnState) -> bool {
+        s.in_flight == 0 && !s.unflushed && s.closing.is_none()
+    }
+
     fn update(&self, f: impl FnOnce(&mut ConnState)) {
         f(&mut self.state.lock().unwrap_or_else(|e| e.into_inner()));
         self.wake.notify_one();
@@ -163,19 +241,24 @@ async fn watchdog(conn: &Conn, limits: &Limits, stats: &Stats, graceful_sent: bo
         let now = Instant::now();
         let (deadline, counter) = {
             let s = conn.state.lock().unwrap_or_else(|e| e.into_inner());
+            let stalled = s.last_write + limits.write_timeout;
             if let Some(at) = s.closing {
-                if s.in_flight == 0 && s.head.is_some() {
+                if s.in_flight == 0 && !s.unflushed && s.head.is_some() {
                     return Close::Now;
                 }
                 if !graceful_sent {
                     return Close::Graceful;
                 }
                 // hyper closes after the response in flight; bound the flush of the last one.
-                if s.in_flight > 0 {
+                if s.unflushed {
+                    (Some(stalled), Some(&stats.write_timeouts))
+                } else if s.in_flight > 0 {
                     (None, None)
                 } else {
                     (Some(at.max(s.since) + FLUSH), None)
                 }
+            } else if s.unflushed {
+                (Some(stalled), Some(&stats.write_timeouts))
             } else if s.in_flight > 0 {
                 (None, None)
             } else if let Some(h) = s.head {
@@ -234,13 +317,27 @@ impl AsyncRead for WatchedIo {
     }
 }
 
+impl WatchedIo {
+    /// hyper writes all it holds and then flushes (`Buffered::poll_flush`), so a flush that
+    /// succeeds means nothing of a response is left but what the kernel holds.
+    fn watch_write(&self, r: &Poll<io::Result<usize>>) {
+        match r {
+            Poll::Ready(Ok(n)) if *n > 0 => self.conn.wrote(),
+            Poll::Pending => self.conn.write_blocked(),
+            _ => {}
+        }
+    }
+}
+
 impl AsyncWrite for WatchedIo {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.watch_write(&r);
+        r
     }
 
     fn poll_write_vectored(
@@ -248,7 +345,9 @@ impl AsyncWrite for WatchedIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let r = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch_write(&r);
+        r
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -256,7 +355,11 @@ impl AsyncWrite for WatchedIo {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let r = Pin::new(&mut self.inner).poll_flush(cx);
+        if matches!(r, Poll::Ready(Ok(()))) {
+            self.conn.flushed();
+        }
+        r
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -439,6 +542,9 @@ pub async fn serve(
         let conn = Arc::new(Conn {
             state: Mutex::new(ConnState {
                 in_flight: 0,
+                unflushed: false,
+                blocked: false,
+                last_write: now,
                 since: now,
                 head: Some(now),
                 closing: None,
@@ -488,7 +594,7 @@ fn make_room(
         .iter()
         .filter_map(|(id, c)| {
             let s = c.state.lock().unwrap_or_else(|e| e.into_inner());
-            (s.in_flight == 0 && s.closing.is_none()).then(|| (s.head.unwrap_or(s.since), *id))
+            Conn::evictable(&s).then(|| (s.head.unwrap_or(s.since), *id))
         })
         .collect();
     if idle.is_empty() {
@@ -537,6 +643,11 @@ impl CapWarning {
     }
 }
 
+/// Accept errors logged: at most 3 lines per 10 s per kind of error, with the count of the
+/// others (an EMFILE storm repeats ten times a second for as long as it lasts).
+static ACCEPT_ERRORS: gust_core::lograte::LogLimiter =
+    gust_core::lograte::LogLimiter::new(10_000, 3);
+
 async fn accept_error(e: io::Error) {
     if matches!(
         e.kind(),
@@ -547,8 +658,21 @@ async fn accept_error(e: io::Error) {
         return;
     }
     // EMFILE/ENFILE: wait for descriptors to come back rather than spin.
-    tracing::error!("accept: {e}");
+    if let Some(line) = accept_error_line(&e) {
+        tracing::error!("{line}");
+    }
     tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+/// The line to log for an accept error, or None when too many of its kind were logged lately.
+fn accept_error_line(e: &io::Error) -> Option<String> {
+    let key = match e.raw_os_error() {
+        Some(n) => format!("errno {n}"),
+        None => format!("{:?}", e.kind()),
+    };
+    ACCEPT_ERRORS
+        .check(&key, gust_core::now_ms())
+        .map(|r| format!("accept: {e}{r}"))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -617,6 +741,10 @@ async fn connection(
     };
     let http = hyper::server::conn::http1::Builder::new()
         .keep_alive(true)
+        // The head's bound exactly (431), and hyper's buffers near it: a read may overshoot
+        // `max_buf_size` up to the buffer's capacity, so it alone lets ~2x through.
+        .max_header_size(MAX_HEAD)
+        .max_buf_size(MAX_HEAD)
         .serve_connection(io, service);
     tokio::pin!(http);
     let mut graceful_sent = false;
@@ -674,5 +802,22 @@ impl<S: Send + Sync, const LIMIT: usize> axum::extract::FromRequest<S> for BodyB
             .await
             .map(BodyBytes)
             .map_err(|e| crate::error::body_error(&path, &e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_emfile_storm_logs_a_few_lines_not_one_per_accept() {
+        // EMFILE and ENOBUFS on Linux (the gateway does not depend on libc).
+        let emfile = || io::Error::from_raw_os_error(24);
+        let logged = (0..1000)
+            .filter_map(|_| accept_error_line(&emfile()))
+            .count();
+        assert!((1..=3).contains(&logged), "{logged} lines for 1000 EMFILEs");
+        // Another kind of error has its own budget.
+        assert!(accept_error_line(&io::Error::from_raw_os_error(105)).is_some());
     }
 }
