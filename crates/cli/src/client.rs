@@ -341,11 +341,20 @@ pub fn pack(dir: &Path) -> anyhow::Result<Bundle> {
     let root = dir
         .canonicalize()
         .with_context(|| format!("resolve the code dir {}", dir.display()))?;
-    // The code dir itself, or a directory above it, may be a data dir (`gust serve
-    // --data-dir .` in the service directory): nothing in it may be packed.
-    if let Some(d) = root.ancestors().find(|a| is_data_dir(a)) {
+    // The code dir may be a data dir itself (`gust serve --data-dir .` in the service
+    // directory: the database, the token), or lie in a data dir's bundles (every function's
+    // code): nothing there may be packed. A service dir elsewhere inside a data dir is fine.
+    let in_bundles = |a: &Path| {
+        ["code", "blobs"]
+            .iter()
+            .any(|s| root.starts_with(a.join(s)))
+    };
+    if let Some(d) = root
+        .ancestors()
+        .find(|a| is_data_dir(a) && (*a == root.as_path() || in_bundles(a)))
+    {
         anyhow::bail!(
-            "code dir {}: it is inside gust's data dir {} (the database, every function's code and its environment): serve from another --data-dir, or point `code` at a directory outside it",
+            "code dir {}: it is gust's data dir {} or its code bundles (the database, every function's code and its environment): serve from another --data-dir, or point `code` at a directory outside it",
             dir.display(),
             d.display()
         );
@@ -648,10 +657,15 @@ mod tests {
         // The code dir is itself a data dir (`gust serve --data-dir .`), or lies inside one.
         std::fs::write(dir.join(".gust-data-dir"), "").unwrap();
         let e = pack(&dir).err().unwrap().to_string();
-        assert!(e.contains("inside gust's data dir"), "{e}");
+        assert!(e.contains("it is gust's data dir"), "{e}");
         std::fs::create_dir_all(dir.join("code/abc")).unwrap();
+        std::fs::write(dir.join("code/abc/index.js"), "").unwrap();
         let e = pack(&dir.join("code/abc")).err().unwrap().to_string();
-        assert!(e.contains("inside gust's data dir"), "{e}");
+        assert!(e.contains("it is gust's data dir"), "{e}");
+        // A service directory that merely lies in a data dir packs (gust dev does this).
+        std::fs::create_dir_all(dir.join("svc")).unwrap();
+        std::fs::write(dir.join("svc/index.js"), "").unwrap();
+        assert!(pack(&dir.join("svc")).is_ok());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -186,6 +186,24 @@ fn dev_serves_and_deploys_in_one_step() {
         .map(KillOnDrop)
         .unwrap();
     let mut lines = BufReader::new(dev.stdout.take().unwrap()).lines();
+    // Bounded: a `gust dev` that never gets to its curl line is killed after 60 s, which ends
+    // its output and fails the test below instead of hanging it.
+    let pid = dev.id() as i32;
+    let printed = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = printed.clone();
+    std::thread::spawn(move || {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if seen.load(std::sync::atomic::Ordering::Relaxed) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        // SAFETY: kill(2) on our own child, still unreaped (KillOnDrop reaps it later).
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    });
     let mut url = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
@@ -194,6 +212,7 @@ fn dev_serves_and_deploys_in_one_step() {
             break;
         }
     }
+    printed.store(true, std::sync::atomic::Ordering::Relaxed);
     let url = url.expect("gust dev printed a curl line");
     let addr = url
         .trim_start_matches("http://")
