@@ -7,7 +7,7 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, TempDir, pid_alive};
+use common::{KillOnDrop, TempDir, listening_url, pid_alive};
 use serde_json::Value;
 
 const GUST: &str = env!("CARGO_BIN_EXE_gust");
@@ -277,13 +277,7 @@ fn queue_events_and_schedules_commands() {
             .spawn()
             .unwrap(),
     );
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let url = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("gust is listening on ").map(str::to_string))
-        .expect("server printed its URL");
-    std::thread::spawn(move || for _ in lines {});
+    let url = listening_url(&mut server);
     let svc = data.path().join("svc");
     std::fs::create_dir_all(&svc).unwrap();
     std::fs::write(

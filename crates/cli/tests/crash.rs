@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, TempDir, host_address};
+use common::{KillOnDrop, TempDir, host_address, listening_url};
 use gust::client::Client;
 use http::Method;
 
@@ -95,17 +95,8 @@ fn serve(data: &TempDir) -> (KillOnDrop, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let mut url = None;
-    for line in lines.by_ref() {
-        let line = line.unwrap();
-        if let Some(u) = line.strip_prefix("gust is listening on ") {
-            url = Some(u.to_string());
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
-    (KillOnDrop(child), url.expect("server printed its URL"))
+    let url = listening_url(&mut child);
+    (KillOnDrop(child), url)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::{KillOnDrop, TempDir, TestServer, body_json, write_service};
+use common::{KillOnDrop, TempDir, TestServer, body_json, listening_url, write_service};
 use gust::client::Client;
 use http::Method;
 use serde_json::{Value, json};
@@ -474,13 +474,7 @@ async fn bundle_uploads_stream_to_disk_check_the_hash_and_the_size_limit() {
         .spawn()
         .map(KillOnDrop)
         .unwrap();
-    let mut lines = BufReader::new(server.stderr.take().unwrap()).lines();
-    let url = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.strip_prefix("gust is listening on ").map(str::to_string))
-        .expect("server printed its URL");
-    std::thread::spawn(move || for _ in lines {});
+    let url = listening_url(&mut server);
     let token = std::fs::read_to_string(data.path().join("admin-token")).unwrap();
     let client = Client::new(&url, Some(token.trim().to_string()));
     let addr = url.trim_start_matches("http://").to_string();

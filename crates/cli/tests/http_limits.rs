@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{KillOnDrop, TempDir, TestServer, manifest};
+use common::{KillOnDrop, TempDir, TestServer, listening_url, manifest};
 use gust::server::ServerConfig;
 use gust_gateway::listener::Limits;
 use serde_json::Value;
@@ -433,16 +433,7 @@ fn serve_raises_the_soft_open_file_limit_to_the_hard_one() {
         .spawn()
         .map(KillOnDrop)
         .unwrap();
-    use std::io::BufRead;
-    let stderr = child.stderr.take().unwrap();
-    let mut listening = false;
-    for line in std::io::BufReader::new(stderr).lines() {
-        if line.unwrap().starts_with("gust is listening on ") {
-            listening = true;
-            break;
-        }
-    }
-    assert!(listening, "gust serve did not start");
+    listening_url(&mut child);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
     let line = limits
         .lines()

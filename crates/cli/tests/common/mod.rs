@@ -431,3 +431,17 @@ pub fn host_address() -> String {
     s.connect("8.8.8.8:9").unwrap();
     s.local_addr().unwrap().ip().to_string()
 }
+
+/// Reads a real `gust serve`'s stderr (piped) until it says where it listens, returns that URL,
+/// and drains the rest of its output in a thread (so the server never blocks on a full pipe).
+pub fn listening_url(server: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut lines = BufReader::new(server.stderr.take().expect("stderr piped")).lines();
+    let url = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.strip_prefix("gust is listening on ").map(str::to_string))
+        .expect("server printed its URL");
+    std::thread::spawn(move || for _ in lines {});
+    url
+}
