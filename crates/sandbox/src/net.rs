@@ -75,7 +75,8 @@ pub struct NetHost {
 
 /// One instance's slot: its addresses and host interface, and the destinations it was allowed.
 pub struct Lease {
-    _lock: Option<std::fs::File>,
+    /// The slot's lock file, held until the host end of the veth is gone.
+    lock: Option<std::fs::File>,
     pub host_if: String,
     pub host_addr: Ipv4Addr,
     pub addr: Ipv4Addr,
@@ -206,7 +207,7 @@ impl NetHost {
             // after /run was wiped) goes first: the name must be this lease's alone.
             let _ = netlink::delete_link(&host_if);
             return Ok(Lease {
-                _lock: Some(f),
+                lock: Some(f),
                 host_if,
                 host_addr: Ipv4Addr::from(host),
                 addr: Ipv4Addr::from(host + 1),
@@ -296,7 +297,7 @@ impl Drop for Lease {
             .remove(&self.host_if)
             .unwrap_or_default();
         let host_if = self.host_if.clone();
-        let lock = self._lock.take();
+        let lock = self.lock.take();
         // The host end of the veth goes now (its namespace may outlive the sandbox a while:
         // the kernel tears namespaces down lazily), then the allowances, and only then is the
         // slot free for another instance. None of it may hold up whoever drops the instance.
